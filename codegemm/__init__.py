@@ -1,0 +1,35 @@
+"""codegemm: fast 2-bit codebook-quantized LLMs through Psumbook matmuls.
+
+Importing the package registers the ``codegemm`` quantization method with
+Hugging Face transformers so that ``AutoModelForCausalLM.from_pretrained``
+loads CodeGEMM checkpoints.
+"""
+
+from codegemm.config import FORMAT_VERSION, CodebookConfig
+from codegemm.errors import (
+    CheckpointError,
+    CodeGEMMError,
+    ConfigError,
+    DTypeError,
+    RangeError,
+    ShapeError,
+    UnsupportedError,
+)
+from codegemm.nn import CodeGEMMLinear
+from codegemm.ops import Backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Backend",
+    "CheckpointError",
+    "CodeGEMMError",
+    "CodeGEMMLinear",
+    "CodebookConfig",
+    "ConfigError",
+    "DTypeError",
+    "RangeError",
+    "ShapeError",
+    "UnsupportedError",
+]

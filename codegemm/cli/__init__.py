@@ -1,0 +1,1 @@
+"""The ``codegemm`` command line: thin parsers that call the library."""

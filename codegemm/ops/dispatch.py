@@ -1,0 +1,139 @@
+"""The single place where a matmul kernel is chosen.
+
+Kernels register a :class:`KernelSpec` (a name, a backend, a predicate over
+device, config, token count and dtype, and the callable). :func:`select_kernel`
+returns the highest-priority kernel whose predicate accepts the call, and falls
+back to the plain-PyTorch reference. Modules never choose kernels themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Callable, Protocol
+
+import torch
+
+from codegemm import reference
+from codegemm.config import CodebookConfig
+from codegemm.errors import UnsupportedError
+from codegemm.ops.cpu import dense_matmul_cpu, psumbook_matmul_cpu
+
+
+class Backend(str, enum.Enum):
+    """Kernel families; string values so CLI flags work as they are."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    CPU = "cpu"
+    TRITON = "triton"
+    CUDA = "cuda"
+
+
+class MatmulKernel(Protocol):
+    def __call__(
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        codebooks: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+
+Predicate = Callable[[torch.device, CodebookConfig, int, torch.dtype], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    backend: Backend
+    supports: Predicate
+    fn: MatmulKernel
+    priority: int = 0
+
+
+_KERNELS: list[KernelSpec] = []
+
+CPU_PSUMBOOK_MAX_TOKENS = 32
+"""Above this many tokens, dequantize-then-matmul beats the Psumbook on CPU (docs/BENCHMARKS.md)."""
+
+
+def register_kernel(spec: KernelSpec) -> None:
+    """Add a kernel; later registrations with the same name replace earlier ones."""
+    _KERNELS[:] = [k for k in _KERNELS if k.name != spec.name]
+    _KERNELS.append(spec)
+    _KERNELS.sort(key=lambda k: -k.priority)
+
+
+def _reference_fp32(x, codes, codebooks, scales, bias):
+    """Fallback on any device: the spec in float32, cast back to the input dtype."""
+    if x.shape[0] > CPU_PSUMBOOK_MAX_TOKENS:
+        out = reference.dense_matmul(x, codes, codebooks, scales, bias, torch.float32)
+    else:
+        out = reference.psumbook_matmul(x, codes, codebooks, scales, bias, torch.float32)
+    return out.to(x.dtype)
+
+
+REFERENCE_KERNEL = KernelSpec("reference", Backend.REFERENCE, lambda *_: True, _reference_fp32, priority=-100)
+
+register_kernel(
+    KernelSpec(
+        "cpu_psumbook",
+        Backend.CPU,
+        lambda dev, cfg, tokens, dtype: dev.type == "cpu" and tokens <= CPU_PSUMBOOK_MAX_TOKENS,
+        psumbook_matmul_cpu,
+        priority=10,
+    )
+)
+register_kernel(
+    KernelSpec("cpu_dense", Backend.CPU, lambda dev, cfg, tokens, dtype: dev.type == "cpu", dense_matmul_cpu, priority=5)
+)
+
+
+def _load_gpu_kernels() -> None:
+    """Import GPU kernel modules so they register themselves; absent Triton is not an error."""
+    try:
+        import codegemm.ops.triton_kernels  # noqa: F401
+    except ImportError:
+        pass
+
+
+def select_kernel(
+    device: torch.device,
+    config: CodebookConfig,
+    tokens: int,
+    dtype: torch.dtype,
+    backend: Backend | str = Backend.AUTO,
+) -> KernelSpec:
+    """The kernel for one call; ``backend`` restricts the choice to one family."""
+    backend = Backend(backend)
+    if backend is Backend.REFERENCE:
+        return REFERENCE_KERNEL
+    if device.type == "cuda":
+        _load_gpu_kernels()
+    for spec in _KERNELS:
+        if backend is not Backend.AUTO and spec.backend is not backend:
+            continue
+        if spec.supports(device, config, tokens, dtype):
+            return spec
+    if backend is Backend.AUTO:
+        return REFERENCE_KERNEL
+    raise UnsupportedError(
+        f"backend={backend.value!r} has no kernel for device={device.type}, config={config.name}, "
+        f"tokens={tokens}, dtype={dtype}; use backend='auto' to fall back"
+    )
+
+
+def codebook_matmul(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: CodebookConfig,
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor:
+    """``x [T, K] @ W.T + bias -> [T, N]`` in ``x``'s dtype through the chosen kernel."""
+    spec = select_kernel(x.device, config, x.shape[0], x.dtype, backend)
+    return spec.fn(x, codes, codebooks, scales, bias)

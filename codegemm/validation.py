@@ -1,0 +1,60 @@
+"""Checks of the quantized tensors, shared by the layer constructor and the checkpoint loader."""
+
+from __future__ import annotations
+
+import torch
+
+from codegemm.config import CodebookConfig
+from codegemm.errors import DTypeError, RangeError, ShapeError
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def expected_shapes(config: CodebookConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``codes``, ``codebooks`` and ``scales`` for one layer (see :mod:`codegemm.layout`)."""
+    return {
+        "codes": (out_features, in_features // config.vec_len, config.num_codebooks),
+        "codebooks": (config.num_codebooks, config.codebook_size, config.vec_len),
+        "scales": (out_features, config.num_groups(in_features)),
+    }
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], what: str = "") -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        hint = f" ({what})" if what else ""
+        raise ShapeError(f"{name} must have shape {tuple(shape)}{hint}; got {tuple(tensor.shape)}")
+
+
+def check_codes(name: str, codes: torch.Tensor, config: CodebookConfig, check_range: bool = True) -> None:
+    """Codes must be integers in ``[0, 2**nbits)``."""
+    if not isinstance(codes, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor; got {type(codes).__name__}")
+    if codes.dtype not in _INT_DTYPES:
+        raise DTypeError(f"{name} must have an integer dtype (uint8/int16/int32/int64); got {codes.dtype}")
+    if check_range and codes.numel() and codes.device.type != "meta":
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= config.codebook_size:
+            raise RangeError(
+                f"{name} must lie in [0, {config.codebook_size}) for nbits={config.nbits}; got values in [{lo}, {hi}]"
+            )
+
+
+def check_float(name: str, tensor: torch.Tensor, check_finite: bool = True) -> None:
+    """Codebooks, scales and bias must be finite floating-point tensors."""
+    if not isinstance(tensor, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise DTypeError(f"{name} must be float16, bfloat16, float32 or float64; got {tensor.dtype}")
+    if check_finite and tensor.numel() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+        raise RangeError(f"{name} must be finite; it holds NaN or Inf")
+
+
+def check_activations(x: torch.Tensor, in_features: int, name: str = "x") -> None:
+    """Activations: floating point, last dimension ``in_features``."""
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise DTypeError(f"{name} must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ShapeError(f"{name} must have last dimension in_features={in_features}; got shape {tuple(x.shape)}")
