@@ -21,3 +21,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(int(os.environ.get("CODEGEMM_TEST_SEED", "0")))
+
+
+# Triton kernels run on the CPU through the interpreter; it must be chosen
+# before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
