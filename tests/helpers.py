@@ -1,0 +1,31 @@
+"""Random quantized tensors and error metrics shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from codegemm import CodebookConfig
+
+
+def random_quantized(
+    config: CodebookConfig,
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh random ``(codes, codebooks, scales)``; scales strictly positive and varied."""
+    num_vectors = in_features // config.vec_len
+    codes = torch.randint(
+        0, config.codebook_size, (out_features, num_vectors, config.num_codebooks), generator=generator
+    )
+    codebooks = torch.randn(config.num_codebooks, config.codebook_size, config.vec_len, generator=generator)
+    scales = 0.5 + torch.rand(out_features, config.num_groups(in_features), generator=generator)
+    return codes.to(device), codebooks.to(device, dtype), scales.to(device, dtype)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; NaN never passes a ``<=`` check."""
+    out64, ref64 = out.double(), ref.double()
+    return float((out64 - ref64).norm() / ref64.norm())
