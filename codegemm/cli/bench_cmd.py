@@ -10,6 +10,7 @@ import importlib
 
 BENCHMARKS = {
     "kernels": ("codegemm.bench.kernels", "matmul kernels vs fp16 cuBLAS and AQLM on Llama-3 shapes"),
+    "cpu": ("codegemm.bench.cpu", "CPU Psumbook path vs dequantize-then-matmul on one layer"),
     "decode": ("codegemm.bench.decode", "end-to-end decode throughput vs fp16 and AQLM on Llama-3 architectures"),
 }
 
