@@ -1,0 +1,88 @@
+"""The static KV cache and the model-call conventions that differ across transformers versions.
+
+Decoding reuses transformers' ``StaticCache`` (fixed-size tensors updated in
+place, so a decode step can be captured once and replayed). Its constructor and
+the forward arguments it needs changed between transformers 4.50 and 5.x:
+older versions take ``max_batch_size``/``device``/``dtype`` and need an explicit
+``cache_position``; newer ones size themselves on first use and track the
+write position in a device tensor. This module hides those differences.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+_LOG = logging.getLogger(__name__)
+
+
+def forward_parameters(model: nn.Module) -> frozenset[str]:
+    """Names of the keyword arguments the model's ``forward`` accepts."""
+    return frozenset(inspect.signature(model.forward).parameters)
+
+
+def text_config(model_or_config):
+    """The decoder config (multimodal configs keep it under ``text_config``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    getter = getattr(config, "get_text_config", None)
+    if getter is None:
+        return config
+    try:
+        return getter(decoder=True)
+    except TypeError:  # transformers < 4.52 has no ``decoder`` argument
+        return getter()
+
+
+def kv_cache_bytes(config, batch_size: int, max_cache_len: int, dtype: torch.dtype) -> int:
+    """Bytes of a full static KV cache, computed from the config before anything is allocated."""
+    cfg = text_config(config)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * batch_size * kv_heads * max_cache_len * head_dim * itemsize
+
+
+def make_static_cache(
+    model: nn.Module, batch_size: int, max_cache_len: int, device: torch.device, dtype: torch.dtype
+) -> StaticCache:
+    """A ``StaticCache`` for ``batch_size`` rows of ``max_cache_len`` tokens, on any supported version."""
+    params = inspect.signature(StaticCache.__init__).parameters
+    kwargs: dict = {"config": model.config, "max_cache_len": max_cache_len}
+    if "max_batch_size" in params:
+        kwargs["max_batch_size"] = batch_size
+    elif "batch_size" in params:
+        kwargs["batch_size"] = batch_size
+    if "device" in params:
+        kwargs["device"] = device
+    if "dtype" in params:
+        kwargs["dtype"] = dtype
+    return StaticCache(**kwargs)
+
+
+def cache_layers(cache) -> list:
+    """Per-layer cache objects (transformers >= 4.56); empty on older versions."""
+    return list(getattr(cache, "layers", []) or [])
+
+
+def replay_safe(cache, total_len: int) -> bool:
+    """Whether a decode step captured once stays valid for ``total_len`` tokens.
+
+    Sliding-window layers of transformers 5.x switch to a different code path
+    (decided in Python) once their window is full, which a replayed graph would
+    not follow; everything else is driven by device tensors.
+    """
+    for layer in cache_layers(cache):
+        window = getattr(layer, "max_cache_len", None)
+        if getattr(layer, "is_sliding", False) and window is not None and total_len > window:
+            _LOG.info(
+                "sliding-window cache of %d tokens is shorter than %d tokens: decoding without a captured graph",
+                window,
+                total_len,
+            )
+            return False
+    return True
