@@ -65,7 +65,8 @@ def _dequant_gemm_kernel(
         tile_mask = n_mask[:, None] & vj_mask[None, :]
         w = tl.zeros([BN, BJ, V_P], dtype=tl.float32)
         for i in tl.static_range(M):
-            code = tl.load(row_codes + (vj * M + i)[None, :], mask=tile_mask, other=0).to(tl.int32)
+            # The mask keeps bad codes (negative, >= 2**b) inside the codebook: never a stray access.
+            code = tl.load(row_codes + (vj * M + i)[None, :], mask=tile_mask, other=0).to(tl.int32) & (C - 1)
             w += tl.load(
                 cb_ptr + i * C * V + code[:, :, None] * V + lane[None, None, :],
                 mask=lane_mask[None, None, :],

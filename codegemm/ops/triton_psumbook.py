@@ -97,7 +97,8 @@ def _psumbook_kernel(
         psum = tl.dot(cb, xt, input_precision=DOT_PREC)
         vj = j0 + vec
         code = tl.load(row_codes + (vj * M)[None, None, :], mask=code_mask & (vj < J)[None, None, :], other=0)
-        index = code.to(tl.int32) + (book * C_P)[:, None, None]
+        # The mask keeps bad codes (>= 2**b) inside the tile: wrong output, never a stray access.
+        index = (code.to(tl.int32) & (C - 1)) + (book * C_P)[:, None, None]
         index = tl.reshape(tl.broadcast_to(index[:, :, :, None], [M_P, BN, BJ, T_P]), [M_P * BN, BJ * T_P])
         picked = tl.gather(psum, index, 0)
         per_vec = tl.sum(tl.reshape(picked, [M_P, BN, BJ * T_P]), axis=0)

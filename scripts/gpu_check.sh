@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# GPU check, run on the device machine from the repository root:
+#   bash scripts/gpu_check.sh            # tests, memcheck, kernel benchmark (table printed last)
+#   STEPS="tests bench" bash scripts/gpu_check.sh
+# Wheels in .whl/ (e.g. aqlm, for the benchmark's peer kernels) are installed to /tmp/site first.
+# Logs and JSON go to $OUT (or ./out when OUT is unset).
+set -uo pipefail
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-out}"; mkdir -p "$OUT"
+STEPS="${STEPS:-tests memcheck bench}"
+status=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+for step in $STEPS; do
+  case "$step" in
+  tests)
+    echo "== GPU tests"
+    python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu_kernels.py tests/test_triton_kernels.py \
+      2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30 || status=1
+    ;;
+  memcheck)
+    echo "== compute-sanitizer memcheck on a representative sweep"
+    cat > /tmp/memcheck_sweep.py <<'PY'
+import torch
+from codegemm import CodebookConfig
+from codegemm.ops.dispatch import codebook_matmul
+torch.manual_seed(0)
+for name, n, k in [("m2v8g128", 300, 384), ("m1v4g128", 77, 256), ("m3b6v8g24", 45, 144), ("m4b4v16", 33, 208),
+                   ("m2v8", 129, 1000), ("m1b12v8g64", 40, 128)]:
+    cfg = CodebookConfig.from_name(name)
+    codes = torch.randint(0, cfg.codebook_size, (n, k // cfg.vec_len, cfg.num_codebooks), device="cuda",
+                          dtype=torch.int32).to(cfg.code_dtype)
+    books = torch.randn(cfg.num_codebooks, cfg.codebook_size, cfg.vec_len, device="cuda").half()
+    scales = torch.rand(n, cfg.num_groups(k), device="cuda").half()
+    for tokens in (1, 3, 16, 17, 53):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(tokens, k, device="cuda", dtype=dtype)
+            bias = torch.randn(n, device="cuda", dtype=dtype) if tokens % 2 else None
+            codebook_matmul(x, codes, books, scales, bias, cfg)
+torch.cuda.synchronize()
+print("memcheck sweep ran")
+PY
+    compute-sanitizer --tool memcheck --error-exitcode 3 python3 /tmp/memcheck_sweep.py \
+      2>&1 | tee "$OUT/memcheck.log" | tail -n 8 || status=1
+    ;;
+  tune)
+    echo "== Psumbook tile plans"
+    python3 -m codegemm.cli.main bench kernels --tune --models "${TUNE_MODELS:-llama3-8b}" \
+      --configs "${TUNE_CONFIGS:-m2v8g128}" --tokens "${TUNE_TOKENS:-1,16}" --json "$OUT/tune.json" \
+      2>&1 | tee "$OUT/tune.log" | grep -v "^[0-9:]* WARNING" || status=1
+    ;;
+  bench)
+    echo "== kernel benchmark"
+    python3 -m codegemm.cli.main bench kernels --json "$OUT/kernels.json" ${BENCH_ARGS:-} \
+      2>&1 | tee "$OUT/bench.log" || status=1
+    ;;
+  esac
+done
+exit $status

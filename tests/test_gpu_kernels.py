@@ -1,0 +1,143 @@
+"""GPU kernels on the device (``-m gpu``): benchmark shapes vs float64, determinism, compile + CUDA graphs, bad input.
+
+The small-shape config sweep of tests/test_triton_kernels.py also runs on the
+GPU when CUDA is present; this file adds what needs real sizes and a device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codegemm import CodebookConfig, CodeGEMMLinear, DTypeError, ShapeError, reference
+from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel
+from codegemm.shapes import DECODER_BLOCKS
+from helpers import rel_error
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = torch.device("cuda")
+BENCH_SHAPES = sorted({(s.in_features, s.out_features) for m in ("llama3-8b", "llama3-70b") for s in DECODER_BLOCKS[m]})
+
+
+def _random_layer(config: CodebookConfig, n: int, k: int):
+    codes = torch.randint(0, config.codebook_size, (n, k // config.vec_len, config.num_codebooks), device=DEVICE,
+                          dtype=torch.int32).to(config.code_dtype)
+    codebooks = torch.randn(config.num_codebooks, config.codebook_size, config.vec_len, device=DEVICE).half()
+    scales = (0.5 + torch.rand(n, config.num_groups(k), device=DEVICE)).mul_(0.02).half()
+    return codes, codebooks, scales
+
+
+@pytest.mark.parametrize("k,n", BENCH_SHAPES)
+@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128"])
+def test_benchmark_shapes_fp16_within_1e3(k, n, name):
+    config = CodebookConfig.from_name(name)
+    codes, codebooks, scales = _random_layer(config, n, k)
+    for tokens in (1, 4, 16, 33):
+        x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
+        out = codebook_matmul(x, codes, codebooks, scales, None, config)
+        ref = reference.dense_matmul(x, codes, codebooks, scales, None, torch.float64)
+        err = rel_error(out, ref)
+        assert err <= 1e-3, f"{name} {k}x{n} tokens={tokens}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("k,n", [(4096, 4096), (14336, 4096), (8192, 10240)])
+def test_benchmark_shapes_bf16_within_2x_torch(k, n):
+    config = CodebookConfig.from_name("m2v8g128")
+    codes, codebooks, scales = _random_layer(config, n, k)
+    weight = reference.dequantize(codes, codebooks, scales, torch.float64)
+    for tokens in (1, 8, 16, 40):
+        x = torch.randn(tokens, k, device=DEVICE, dtype=torch.bfloat16)
+        ref = x.double() @ weight.T
+        torch_err = rel_error(F.linear(x, weight.to(torch.bfloat16)), ref)
+        err = rel_error(codebook_matmul(x, codes, codebooks, scales, None, config), ref)
+        assert err <= 2 * torch_err, f"tokens={tokens}: {err:.2e} > 2 x {torch_err:.2e}"
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16, 64])
+def test_deterministic_bit_identical(tokens):
+    config = CodebookConfig.from_name("m2v8g128")
+    codes, codebooks, scales = _random_layer(config, 4096, 14336)
+    x = torch.randn(tokens, 14336, device=DEVICE, dtype=torch.float16)
+    bias = torch.randn(4096, device=DEVICE, dtype=torch.float16)
+    first = codebook_matmul(x, codes, codebooks, scales, bias, config)
+    for _ in range(5):
+        assert torch.equal(first, codebook_matmul(x, codes, codebooks, scales, bias, config))
+
+
+def test_output_fully_written():
+    """Poisoned caching-allocator memory must never show through: no NaN/Inf anywhere in the output."""
+    config = CodebookConfig.from_name("m2v8g128")
+    codes, codebooks, scales = _random_layer(config, 6144, 4096)
+    for tokens in (1, 3, 16, 17):
+        poison = torch.full((tokens, 6144), float("nan"), device=DEVICE, dtype=torch.float16)
+        del poison
+        out = codebook_matmul(torch.randn(tokens, 4096, device=DEVICE, dtype=torch.float16), codes, codebooks,
+                              scales, None, config)
+        assert torch.isfinite(out).all()
+
+
+def test_dispatch_picks_triton_on_cuda():
+    config = CodebookConfig.from_name("m2v8g128")
+    assert select_kernel(DEVICE, config, 1, torch.float16).name == "triton_psumbook"
+    assert select_kernel(DEVICE, config, 16, torch.bfloat16).name == "triton_psumbook"
+    assert select_kernel(DEVICE, config, 17, torch.float16).name == "triton_dequant_gemm"
+
+
+class _TinyModel(nn.Module):
+    def __init__(self, config: CodebookConfig, dim: int = 512, hidden: int = 1536) -> None:
+        super().__init__()
+        up = _random_layer(config, hidden, dim)
+        down = _random_layer(config, dim, hidden)
+        self.up = CodeGEMMLinear.from_unpacked(*up, bias=torch.randn(hidden, device=DEVICE).half())
+        self.down = CodeGEMMLinear.from_unpacked(*down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.up(x))) + x
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 24])
+def test_compile_fullgraph_and_cuda_graph(tokens):
+    model = _TinyModel(CodebookConfig.from_name("m2v8g128")).eval()
+    x = torch.randn(2, (tokens + 1) // 2, 512, device=DEVICE, dtype=torch.float16)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager, rtol=2e-3, atol=2e-3)
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            compiled(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = compiled(static_x)
+        fresh = torch.randn_like(x)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(static_out, model(fresh), rtol=2e-3, atol=2e-3)
+
+
+def test_bad_input_is_an_error_or_correct():
+    config = CodebookConfig.from_name("m2v8g128")
+    codes, codebooks, scales = _random_layer(config, 256, 512)
+    x = torch.randn(3, 512, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ShapeError):
+        codebook_matmul(x[:, :384], codes, codebooks, scales, None, config, Backend.TRITON)
+    with pytest.raises(DTypeError):
+        codebook_matmul(x, codes.cpu(), codebooks, scales, None, config, Backend.TRITON)
+    with pytest.raises(DTypeError):
+        codebook_matmul(x.to(torch.int32), codes, codebooks, scales, None, config, Backend.TRITON)
+    wide = torch.randn(3, 1024, device=DEVICE, dtype=torch.float16)[:, 1::2]
+    ref = reference.dense_matmul(wide, codes, codebooks, scales, None, torch.float64)
+    assert rel_error(codebook_matmul(wide, codes, codebooks, scales, None, config), ref) <= 1e-3
+    # Out-of-range codes (a corrupted tensor that skipped validation) give garbage, never a fault.
+    small = CodebookConfig.from_name("m2b4v8g128")
+    bad = torch.randint(0, 256, (256, 64, 2), device=DEVICE, dtype=torch.uint8)
+    books = torch.randn(2, 16, 8, device=DEVICE).half()
+    for tokens in (1, 20):
+        codebook_matmul(torch.randn(tokens, 512, device=DEVICE).half(), bad, books, scales, None, small)
+    torch.cuda.synchronize()
