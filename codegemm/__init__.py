@@ -17,6 +17,7 @@ from codegemm.errors import (
 )
 from codegemm.nn import CodeGEMMLinear
 from codegemm.ops import Backend
+from codegemm import hf  # noqa: F401  registers quant_method "codegemm" with transformers
 
 __version__ = "0.1.0"
 
