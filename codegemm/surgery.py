@@ -10,10 +10,11 @@ Skip lists
 A skip entry is either a compiled :class:`re.Pattern` (matched with
 ``re.search`` against the full dotted name) or a string. A string beginning
 with ``"re:"`` is a regex; any other string matches a module whose dotted name
-
-* equals it (``"model.layers.0.mlp.down_proj"``),
-* ends with it at a dot boundary (``"lm_head"``, ``"mlp.down_proj"``), or
-* lies under it (``"model.layers.0"`` skips every linear of block 0).
+contains it as whole components: the full name
+(``"model.layers.0.mlp.down_proj"``), a suffix (``"lm_head"``,
+``"mlp.down_proj"``), or a container (``"layers.0"`` skips every linear of
+block 0, ``"mlp"`` every MLP linear). ``"layers.1"`` never matches
+``layers.10``.
 
 ``lm_head`` is always skipped unless ``default_skip=False``; embeddings are
 ``nn.Embedding`` and never visited.
@@ -69,7 +70,7 @@ def matches_skip(name: str, skip: SkipList, default_skip: bool = True) -> bool:
         elif entry.startswith(_REGEX_PREFIX):
             if re.search(entry[len(_REGEX_PREFIX) :], name):
                 return True
-        elif name == entry or name.endswith("." + entry) or name.startswith(entry + "."):
+        elif f".{entry}." in f".{name}.":
             return True
     return False
 

@@ -72,10 +72,13 @@ def test_skip_list_forms(skip, skipped):
     assert set(skipped_linears(model, skip)) == skipped | {"lm_head"}
 
 
-def test_suffix_matches_only_at_dot_boundary():
+def test_string_entries_match_whole_components():
     assert matches_skip("model.lm_head", "lm_head")
     assert not matches_skip("model.xlm_head", "lm_head", default_skip=False)
     assert not matches_skip("layers.10.q_proj", "layers.1", default_skip=False)
+    assert matches_skip("model.layers.1.mlp.up_proj", "layers.1", default_skip=False)
+    assert matches_skip("model.layers.1.mlp.up_proj", "mlp", default_skip=False)
+    assert not matches_skip("model.layers.1.mlp.up_proj", "up", default_skip=False)
 
 
 def test_bad_skip_entries_are_refused():

@@ -180,8 +180,9 @@ def check_loaded_values(model: nn.Module) -> None:
 def resolve_checkpoint_files(model: nn.Module, given: Iterable[str] | None) -> list[str] | None:
     """The checkpoint's weight files: the list transformers passes (5.x), else found from the model's name or path.
 
-    Returns ``None`` when they cannot be found (then only the after-load
-    checks run).
+    A local directory without safetensors files is refused (pickled weights
+    are never loaded). Returns ``None`` when a hub checkpoint's files are not
+    in the local cache (then only the after-load checks run).
     """
     if given:
         return [str(path) for path in given]
@@ -189,10 +190,7 @@ def resolve_checkpoint_files(model: nn.Module, given: Iterable[str] | None) -> l
     if not source:
         return None
     if os.path.isdir(source):
-        try:
-            return [str(p) for p in checkpoint_files(source)]
-        except CheckpointError:
-            return None
+        return [str(p) for p in checkpoint_files(source)]
     try:
         from transformers.utils import cached_file
 
