@@ -29,6 +29,13 @@ PARTIAL_DIR = ".codegemm-partial"
 STATE_VERSION = 1
 
 
+def _default_mode() -> int:
+    """Permissions a plain ``open()`` would give a new file (mkstemp makes them 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -52,6 +59,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -78,6 +86,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLik
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -91,7 +100,9 @@ def move_into(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, last: tupl
     src, dst = Path(src_dir), Path(dst_dir)
     names = sorted(p.name for p in src.iterdir() if p.is_file())
     ordered = [n for n in names if n not in last] + [n for n in last if n in names]
+    mode = _default_mode()
     for name in ordered:
+        os.chmod(src / name, mode)
         os.replace(src / name, dst / name)
     _fsync_dir(dst)
 
