@@ -59,6 +59,7 @@ class GenerationOutput:
     time_to_first_token_s: float
     step_s: list[float]
     setup_s: float
+    logits: torch.Tensor | None = None  # float32 [B, n, V] when keep_logits=True
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -169,15 +170,15 @@ class FastGenerator:
         if lo < 0 or (vocab is not None and hi >= vocab):
             raise RangeError(f"input_ids must lie in [0, vocab_size={vocab}); got values in [{lo}, {hi}]")
         total = prompt_len + max_new_tokens
+        if self.max_positions and total > self.max_positions:
+            raise ConfigError(
+                f"prompt_len + max_new_tokens must be at most max_position_embeddings={self.max_positions}; "
+                f"got {prompt_len} + {max_new_tokens} = {total}"
+            )
         cache_len = self.cache_len_for(prompt_len, max_new_tokens)
         if total > cache_len:
             raise ConfigError(
                 f"prompt_len + max_new_tokens must fit the KV cache of {cache_len} tokens; "
-                f"got {prompt_len} + {max_new_tokens} = {total}"
-            )
-        if self.max_positions and total > self.max_positions:
-            raise ConfigError(
-                f"prompt_len + max_new_tokens must be at most max_position_embeddings={self.max_positions}; "
                 f"got {prompt_len} + {max_new_tokens} = {total}"
             )
         return batch, prompt_len, cache_len
@@ -290,12 +291,15 @@ class FastGenerator:
         pad_token_id: int | None = None,
         streamer: Streamer | None = None,
         timings: bool = False,
+        keep_logits: bool = False,
     ) -> GenerationOutput:
         """Continue each row of ``input_ids`` (int64 ``[B, P]``, no padding) by ``max_new_tokens`` tokens.
 
         Stops early once every row has produced one of ``stop_token_ids``.
         ``streamer`` (batch 1 only) receives the prompt, then each token as it
         is made. ``timings=True`` times every decode step (CUDA events on GPU).
+        ``keep_logits=True`` also returns every step's logits (a copy per step:
+        for tests, not for speed).
         """
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
@@ -324,6 +328,7 @@ class FastGenerator:
             clock = _Clock(self.device, timings)
             clock.mark()
             logits = self._prefill(st, input_ids)
+            kept = [logits.float()] if keep_logits else []
             st.pos.fill_(prompt_len - 1)
             st.cache_pos.fill_(prompt_len - 1)
             st.count.zero_()
@@ -341,12 +346,13 @@ class FastGenerator:
                             break
                 if graph is not None:
                     graph[0].replay()
-                    if not greedy:
-                        self._advance(st, select_next(graph[1], sampling, generator))
+                    step_logits = graph[1]
                 else:
                     step_logits = self._graph_body(st, greedy)
-                    if not greedy:
-                        self._advance(st, select_next(step_logits, sampling, generator))
+                if not greedy:
+                    self._advance(st, select_next(step_logits, sampling, generator))
+                if keep_logits:
+                    kept.append(step_logits.float().clone())
                 clock.mark()
                 steps += 1
             if streamer is not None:
@@ -366,6 +372,7 @@ class FastGenerator:
             time_to_first_token_s=marks[0] if marks else 0.0,
             step_s=marks[1:],
             setup_s=setup_s,
+            logits=torch.stack(kept, dim=1) if keep_logits else None,
         )
 
 
