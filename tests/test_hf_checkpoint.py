@@ -135,6 +135,23 @@ def test_save_quantized_and_load_quantized(tmp_path):
     assert torch.equal(logits(load_quantized(tmp_path), ids), logits(model, ids))
 
 
+def test_sharded_checkpoint_round_trip_and_missing_tensor_in_a_shard(tmp_path):
+    model = tiny_llama("m2v8g32", torch.float32, seed=4)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    attach_quantization_config(model)
+    model.save_pretrained(str(tmp_path), max_shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    assert torch.equal(logits(load(tmp_path, device_map="cpu"), ids), logits(model, ids))
+    key = "model.layers.1.mlp.up_proj.codebooks"
+    shard = tmp_path / index[key]
+    tensors = load_file(str(shard))
+    del tensors[key]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{key} is missing"):
+        load(tmp_path)
+
+
 # ---------------------------------------------------------------- refusals
 
 
