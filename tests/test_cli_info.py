@@ -51,7 +51,7 @@ def test_table_output(checkpoint, capsys):
     out = capsys.readouterr().out
     assert "m2b6v8g64 (num_codebooks=2, nbits=6, vec_len=8, group_size=64); format_version 1" in out
     assert f"bits per weight:   {exact_bits_per_weight(model):.4f}" in out
-    assert "in fp16" in out and "kept dense:        lm_head" in out
+    assert "for an fp16 copy" in out and "kept dense:        lm_head" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("model.layers.")]
     assert len(rows) == 14
     assert rows[0][0] == "model.layers.0.mlp.down_proj" and rows[-1][0] == "model.layers.1.self_attn.v_proj"

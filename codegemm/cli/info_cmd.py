@@ -130,8 +130,8 @@ def format_summary(summary: CheckpointSummary, show_layers: bool = True) -> str:
         f"quantized layers:  {len(summary.layers)} ({summary.quantized_weights:,} weights)",
         f"bits per weight:   {summary.bits_per_weight:.4f} (codes + fp16 scales + fp16 codebooks, "
         "quantized layers only)",
-        f"size on disk:      {_human(summary.disk_bytes)} vs {_human(summary.fp16_bytes)} in fp16 "
-        f"({summary.fp16_bytes / summary.disk_bytes:.2f}x smaller)",
+        f"size on disk:      {_human(summary.disk_bytes)} vs {_human(summary.fp16_bytes)} for an fp16 copy "
+        f"({100 * summary.disk_bytes / summary.fp16_bytes:.1f}% of it)",
         f"kept dense:        {', '.join(summary.modules_not_quantized) or '(none)'}",
     ]
     if show_layers:
