@@ -72,7 +72,9 @@ def fill_random_(
         scales = torch.empty((n, groups), dtype=dtype, device=device)
         bias = None if layer.bias is None else torch.empty((n,), dtype=dtype, device=device)
     else:
-        layer.codes = torch.randint(0, size, (n, k // v, m), dtype=config.code_dtype, device=device, generator=generator)
+        layer.codes = torch.randint(
+            0, size, (n, k // v, m), dtype=config.code_dtype, device=device, generator=generator
+        )
         codebooks = torch.randn((m, size, v), device=device, generator=generator) / math.sqrt(m)
         uniform_rms = math.sqrt((_SCALE_HI**3 - _SCALE_LO**3) / (3 * (_SCALE_HI - _SCALE_LO)))
         unit = torch.rand((n, groups), device=device, generator=generator) * (_SCALE_HI - _SCALE_LO) + _SCALE_LO

@@ -88,7 +88,7 @@ def test_import_codegemm_registers_with_transformers():
 
 def test_saved_files_describe_themselves(saved):
     config = json.loads((saved["dir"] / "config.json").read_text())["quantization_config"]
-    expected = CodebookConfig.from_name(json.loads((saved["dir"] / "config.json").read_text())["quantization_config"]["config"])
+    expected = CodebookConfig.from_name(config["config"])
     assert config == {
         "quant_method": "codegemm",
         "format_version": 1,
@@ -166,7 +166,8 @@ def base_checkpoint(tmp_path_factory):
 
 
 def test_fresh_subprocess_load(base_checkpoint, tmp_path):
-    save_file({"ids": base_checkpoint["ids"], "logits": base_checkpoint["logits"]}, str(tmp_path / "expected.safetensors"))
+    expected = {"ids": base_checkpoint["ids"], "logits": base_checkpoint["logits"]}
+    save_file(expected, str(tmp_path / "expected.safetensors"))
     script = textwrap.dedent(
         f"""
         import sys, torch, codegemm
@@ -240,7 +241,10 @@ MALFORMED = {
         rf"{DOWN}\.codebooks must have shape",
     ),
     "codes-int16": (_set(f"{DOWN}.codes", lambda t: t.to(torch.int16)), rf"{DOWN}\.codes must have dtype U8; got I16"),
-    "codes-float": (_set(f"{DOWN}.codes", lambda t: t.to(torch.float16)), rf"{DOWN}\.codes must have dtype U8; got F16"),
+    "codes-float": (
+        _set(f"{DOWN}.codes", lambda t: t.to(torch.float16)),
+        rf"{DOWN}\.codes must have dtype U8; got F16",
+    ),
     "scales-int": (_set(f"{DOWN}.scales", lambda t: t.to(torch.int32)), rf"{DOWN}\.scales must have dtype .*got I32"),
     "codes-out-of-range": (_set(f"{DOWN}.codes", _code_too_large), rf"{DOWN}\.codes must lie in \[0, 64\)"),
     "codebooks-nan": (_set(f"{DOWN}.codebooks", _nan_at_one), rf"{DOWN}\.codebooks must be finite"),

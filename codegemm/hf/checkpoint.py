@@ -240,7 +240,9 @@ def attach_quantization_config(
         raise ConfigError(f"model must be a transformers PreTrainedModel; got {type(model).__name__}")
     shared = model_codebook_config(model)
     if config is not None and as_config(config) != shared:
-        raise ConfigError(f"config {as_config(config).name} does not match the model's quantized modules ({shared.name})")
+        raise ConfigError(
+            f"config {as_config(config).name} does not match the model's quantized modules ({shared.name})"
+        )
     dense = dense_linear_names(model)
     quantized = {name for name, _ in quantized_modules(model)}
     extra = [] if modules_not_quantized is None else list(modules_not_quantized)

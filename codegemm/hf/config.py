@@ -82,7 +82,8 @@ class CodeGEMMQuantizationConfig(QuantizationConfigMixin):
             modules_not_quantized = []
         if isinstance(modules_not_quantized, str) or not all(isinstance(n, str) for n in modules_not_quantized):
             raise CheckpointError(
-                f"quantization_config.modules_not_quantized must be a list of module names; got {modules_not_quantized!r}"
+                "quantization_config.modules_not_quantized must be a list of module names; "
+                f"got {modules_not_quantized!r}"
             )
         if kwargs:
             logger.warning("ignoring unknown quantization_config fields %s", sorted(kwargs))
