@@ -2,11 +2,13 @@
 # GPU check, run on the device machine from the repository root:
 #   bash scripts/gpu_check.sh            # tests, memcheck, kernel benchmark (table printed last)
 #   STEPS="tests bench" bash scripts/gpu_check.sh
+#   STEPS="gen-tests decode decode70b" bash scripts/gpu_check.sh   # generation tests, decode benchmarks
 # Wheels in .whl/ (e.g. aqlm, for the benchmark's peer kernels) are installed to /tmp/site first.
 # Logs and JSON go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-out}"; mkdir -p "$OUT"
+export CODEGEMM_CUDA_CACHE="${CODEGEMM_CUDA_CACHE:-$PWD/build/cuda}"  # prebuilt CUDA library, if carried
 STEPS="${STEPS:-tests memcheck bench}"
 status=0
 
@@ -51,14 +53,30 @@ PY
     ;;
   tune)
     echo "== Psumbook tile plans"
-    python3 -m codegemm.cli.main bench kernels --tune --models "${TUNE_MODELS:-llama3-8b}" \
-      --configs "${TUNE_CONFIGS:-m2v8g128}" --tokens "${TUNE_TOKENS:-1,16}" --json "$OUT/tune.json" \
+    python3 -m codegemm.cli.main bench kernels --models "${TUNE_MODELS:-llama3-8b}" \
+      --tune "${TUNE_KIND:-both}" --configs "${TUNE_CONFIGS:-m2v8g128}" --tokens "${TUNE_TOKENS:-1,16}" --json "$OUT/tune.json" \
       2>&1 | tee "$OUT/tune.log" | grep -v "^[0-9:]* WARNING" || status=1
     ;;
   bench)
     echo "== kernel benchmark"
     python3 -m codegemm.cli.main bench kernels --json "$OUT/kernels.json" ${BENCH_ARGS:-} \
       2>&1 | tee "$OUT/bench.log" || status=1
+    ;;
+  gen-tests)
+    echo "== generation GPU tests (compiled, graph-replayed decode step)"
+    python3 -m pytest -q -m gpu tests/test_generation_gpu.py 2>&1 | tee "$OUT/gen_tests.log" | tail -n 30 || status=1
+    ;;
+  decode)
+    echo "== decode benchmark: Llama-3-8B architecture, batch 1/4/16 (DECODE_ARGS adds or overrides flags)"
+    python3 -m codegemm.cli.main bench decode --arch llama3-8b --config m2v8g128 --batch 1 --batch 4 --batch 16 \
+      --prompt 128 --tokens 256 --backends fp16,codegemm,aqlm --json "$OUT/decode_8b.json" ${DECODE_ARGS:-} \
+      2>&1 | tee "$OUT/decode_8b.log" | grep -v "^[0-9:]* WARNING" || status=1
+    ;;
+  decode70b)
+    echo "== decode benchmark: Llama-3-70B architecture, 4k KV cache, batch 1"
+    python3 -m codegemm.cli.main bench decode --arch llama3-70b --config m2v8g128 --batch 1 --prompt 128 \
+      --tokens 256 --cache-len 4096 --backends fp16,codegemm,aqlm-2x8 --json "$OUT/decode_70b.json" \
+      ${DECODE70B_ARGS:-} 2>&1 | tee "$OUT/decode_70b.log" | grep -v "^[0-9:]* WARNING" || status=1
     ;;
   esac
 done

@@ -260,33 +260,23 @@ def test_bench_decode_cli_rejects_unknown_arch(capsys):
     assert main(["bench", "decode", "--arch", "llama3-9b", "--device", "cpu"]) == 1
 
 
-class _CharTokenizer:
-    """Bytes as tokens: enough for the CLI (encode, decode, eos) without a download."""
+def test_generate_cli_streams_text_from_a_quantized_checkpoint(tmp_path, capsys):
+    """`codegemm generate DIR PROMPT` on a saved CodeGEMM checkpoint: the streamed text is the greedy continuation."""
+    from codegemm.hf.checkpoint import save_quantized
+    from tests._tiny_models import byte_tokenizer
 
-    eos_token_id = None
-
-    def __call__(self, text, return_tensors="pt"):
-        ids = torch.tensor([[b % VOCAB for b in text.encode()]], dtype=torch.long)
-        return type("Enc", (), {"input_ids": ids})()
-
-    def decode(self, ids, **kwargs):
-        return "".join(chr(32 + int(i) % 90) for i in ids)
-
-
-def test_generate_cli_streams_text(model, monkeypatch, capsys):
-    from codegemm import loading
-
-    def fake_load(name, dtype, device):
-        assert name == "some/dir"
-        return loading.LoadedModel(model=model, tokenizer=_CharTokenizer(), source="tiny", generation_config=None)
-
-    monkeypatch.setattr(loading, "load_model", fake_load)
-    rc = main(["generate", "some/dir", "hello there", "--max-new-tokens", "12", "--device", "cpu"])
+    tokenizer = byte_tokenizer()
+    config = tiny_llama_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    net = build_random_quantized_model(config, "m2v8g32", device="cpu", dtype=torch.float32, seed=3)
+    save_quantized(net, tmp_path)
+    tokenizer.save_pretrained(str(tmp_path))
+    rc = main(["generate", str(tmp_path), "hello there", "--max-new-tokens", "12", "--device", "cpu",
+               "--ignore-eos"])
     assert rc == 0
     captured = capsys.readouterr()
-    ids = _CharTokenizer()("hello there").input_ids
-    expected = _CharTokenizer().decode(_hf_greedy(model, ids, 12)[0, ids.shape[1] :])
-    assert expected in captured.out.replace("\n", "")
+    ids = tokenizer("hello there", return_tensors="pt").input_ids
+    expected = tokenizer.decode(_hf_greedy(_no_eos(net), ids, 12)[0, ids.shape[1] :], skip_special_tokens=True)
+    assert captured.out.rstrip("\n") == expected
     assert "12 tokens" in captured.err
 
 

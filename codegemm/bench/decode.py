@@ -24,6 +24,7 @@ import time
 import torch
 
 from codegemm.bench.archs import architecture_config
+from codegemm.bench.decode_profile import format_profile, profile_decode
 from codegemm.bench.models import AQLM_FORMATS, CODEGEMM, FP16, aqlm_available, build_model, estimated_bytes, parse_backends
 from codegemm.config import as_config
 from codegemm.errors import ConfigError
@@ -54,7 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=16, help="decode steps left out of the median")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the decode step (default: on for CUDA)")
-    parser.add_argument("--hf-generate", action="store_true", help="also time transformers' generate at batch 1")
+    parser.add_argument("--hf-generate", action="store_true",
+                        help="also time transformers' generate (static cache) for the codegemm backend at batch 1")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile decode steps: kernel time by category and idle gaps (CUDA only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
 
@@ -74,6 +78,7 @@ class Row:
     hf_generate_tok_s: float = float("nan")
     e2e_tok_s: float = float("nan")
     skipped: str = ""
+    profile: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +149,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(gen: FastGenerator, model, plan: Plan, batch: int, warmup: int, hf_generate: bool, seed: int) -> Row:
+def _measure(gen: FastGenerator, model, plan: Plan, batch: int, warmup: int, hf_generate: bool, seed: int,
+             profile: bool = False) -> Row:
     row = Row(backend="", batch=batch)
     rng = torch.Generator(device="cpu").manual_seed(seed + batch)
     prompt = torch.randint(0, plan.hf_config.vocab_size, (batch, plan.prompt), generator=rng).to(plan.device)
@@ -158,6 +164,8 @@ def _measure(gen: FastGenerator, model, plan: Plan, batch: int, warmup: int, hf_
     row.prefill_tok_s = batch * plan.prompt / out.prefill_s
     row.ttft_ms = out.time_to_first_token_s * 1e3
     row.e2e_tok_s = batch * plan.tokens / (out.time_to_first_token_s + sum(out.step_s))
+    if profile and plan.device.type == "cuda" and gen.cuda_graph:
+        row.profile = profile_decode(gen, prompt, min(32, plan.cache_len - plan.prompt - 2))
     if hf_generate and batch == 1:
         row.hf_generate_tok_s = _time_hf_generate(model, prompt, plan)
     return row
@@ -177,7 +185,7 @@ def _time_hf_generate(model, prompt: torch.Tensor, plan: Plan) -> float:
 
 
 def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_generate: bool = False,
-             seed: int = 0) -> list[Row]:
+             seed: int = 0, profile: bool = False) -> list[Row]:
     """Build each backend's model, measure every batch size, free it; returns one row per (backend, batch)."""
     rows: list[Row] = []
     for backend in plan.backends:
@@ -199,7 +207,13 @@ def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_gener
         logger.info("%s: built in %.1f s, %.2f GiB of weights", backend, build_s, weights / 2**30)
         gen = FastGenerator(model, max_batch_size=max(plan.batches), max_cache_len=plan.cache_len, compile=compile)
         for batch in plan.batches:
-            row = _measure(gen, model, plan, batch, warmup, hf_generate, seed)
+            try:
+                row = _measure(gen, model, plan, batch, warmup, hf_generate and backend == CODEGEMM, seed, profile)
+            except (RuntimeError, torch.OutOfMemoryError) as err:  # one backend failing must not lose the others
+                logger.exception("%s batch %d failed", backend, batch)
+                rows.append(Row(backend=backend, batch=batch, skipped=f"failed: {type(err).__name__}: {err}"[:300]))
+                gen.release()
+                continue
             row.backend, row.build_s, row.weights_gib = backend, build_s, weights / 2**30
             if plan.device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(plan.device) / 2**30
@@ -252,8 +266,11 @@ def device_description(device: torch.device) -> str:
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     rows = run_plan(plan, warmup=args.warmup_steps, compile=args.compile, hf_generate=args.hf_generate,
-                    seed=args.seed)
+                    seed=args.seed, profile=args.profile)
     gpu = device_description(plan.device)
+    for row in rows:
+        if row.profile:
+            print(format_profile(row.backend, row.batch, row.profile))
     print(format_table(rows, gpu))
     if args.json:
         import transformers

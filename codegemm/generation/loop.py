@@ -11,9 +11,11 @@ same step runs eagerly (or compiled, on request).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
-from typing import Protocol, Sequence
+import types
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +72,20 @@ class GenerationOutput:
 def _decode_forward(model: nn.Module, kwargs: dict) -> torch.Tensor:
     """One decode step of the model: last-position logits ``[B, V]``."""
     return model(**kwargs).logits[:, -1, :]
+
+
+_STEP_COPIES = itertools.count()
+
+
+def _private_step_function() -> Callable[[nn.Module, dict], torch.Tensor]:
+    """A copy of :func:`_decode_forward` with its own code object.
+
+    torch.compile caches compiled code, and caps recompilations, per code
+    object; a private copy per generator keeps one generator's models and batch
+    sizes from using up another's budget (which would silently fall back to eager).
+    """
+    code = _decode_forward.__code__.replace(co_name=f"_decode_forward_{next(_STEP_COPIES)}")
+    return types.FunctionType(code, _decode_forward.__globals__, code.co_name)
 
 
 @dataclasses.dataclass
@@ -135,8 +151,9 @@ class FastGenerator:
         self._takes_cache_position = "cache_position" in params
         self._takes_position_ids = "position_ids" in params
         self._keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
-        self._step = torch.compile(_decode_forward, dynamic=False) if self.compile else _decode_forward
+        self._step = torch.compile(_private_step_function(), dynamic=False) if self.compile else _decode_forward
         self._state: _DecodeState | None = None
+        self._last_len = 0  # tokens in the cache after the last generate()
 
     # ------------------------------------------------------------------ checks
 
@@ -267,6 +284,25 @@ class FastGenerator:
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
+    def replay_greedy_steps(self, steps: int) -> None:
+        """Run ``steps`` more greedy decode steps after the last :meth:`generate`, with no host sync.
+
+        For profiling and benchmarks: the tokens are not returned. Needs the
+        greedy step captured (CUDA graphs on) and room left in the cache.
+        """
+        st = self._state
+        if st is None or True not in st.graphs or not st.replay_ok:
+            raise ConfigError("replay_greedy_steps needs a previous greedy generate() on the CUDA-graph path")
+        self._check_int("steps", steps)
+        if self._last_len + steps > st.cache_len:
+            raise ConfigError(
+                f"steps must fit the KV cache of {st.cache_len} tokens after {self._last_len}; got {steps}"
+            )
+        graph = st.graphs[True][0]
+        for _ in range(steps):
+            graph.replay()
+        self._last_len += steps
+
     # ------------------------------------------------------------------ generation
 
     def _prefill(self, st: _DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
@@ -311,7 +347,7 @@ class FastGenerator:
         pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
 
         st = self._ensure_state(batch, cache_len)
-        st.replay_ok = st.replay_ok and replay_safe(st.cache, prompt_len + max_new_tokens)
+        st.replay_ok = replay_safe(st.cache, prompt_len + max_new_tokens)
         greedy = sampling.greedy
         setup_s = self.prepare(batch, cache_len, greedy) if st.replay_ok else 0.0
         graph = st.graphs.get(greedy) if (self.cuda_graph and st.replay_ok) else None
@@ -362,6 +398,7 @@ class FastGenerator:
             new = st.tokens[:, :steps].clone()
             if on_cuda:
                 torch.cuda.synchronize(self.device)
+        self._last_len = prompt_len + steps
         if stops:
             new = _pad_after_stop(new, torch.tensor(stops, device=new.device), pad)
         marks = clock.elapsed()
