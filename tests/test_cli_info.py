@@ -96,3 +96,15 @@ def test_help_is_accurate(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "show a CodeGEMM checkpoint's config" in capsys.readouterr().out
+
+
+def test_unknown_format_version_is_refused(checkpoint, tmp_path, caplog):
+    directory, _ = checkpoint
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    data = json.loads((directory / "config.json").read_text())
+    data["quantization_config"]["format_version"] = 2
+    (copy / "config.json").write_text(json.dumps(data))
+    (copy / "model.safetensors").symlink_to(directory / "model.safetensors")
+    assert main(["info", str(copy)]) == 1
+    assert "format_version must be 1" in caplog.text

@@ -269,11 +269,12 @@ def test_malformed_tensors_are_refused_naming_the_tensor(case, base_checkpoint, 
     [
         (lambda q: q.update(format_version=2), "format_version must be 1"),
         (lambda q: q.update(format_version="1"), "format_version must be 1"),
+        (lambda q: q.pop("format_version"), "format_version is missing"),
         (lambda q: q.update(nbits=8), "nbits=8 contradicts config 'm2b6v8g32'"),
         (lambda q: q.update(config="m2v8g33"), "quantization_config.config"),
         (lambda q: q.update(modules_not_quantized=[]), r"lm_head\.weight: the checkpoint stores a dense weight"),
     ],
-    ids=["unknown-version", "version-as-string", "contradicting-fields", "bad-config-name", "lm_head-not-listed"],
+    ids=["unknown-version", "version-as-string", "missing-version", "contradicting-fields", "bad-config-name", "lm_head-not-listed"],
 )
 def test_malformed_quantization_config_is_refused(edit, message, base_checkpoint, tmp_path):
     directory = edited_copy(base_checkpoint["dir"], tmp_path, edit_config=edit)

@@ -277,7 +277,7 @@ def read_quantization_config(directory: str | os.PathLike) -> CodeGEMMQuantizati
     block = data.get("quantization_config") if isinstance(data, dict) else None
     if not isinstance(block, dict) or block.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path} has no quantization_config with quant_method {QUANT_METHOD!r}")
-    return CodeGEMMQuantizationConfig(**block)
+    return CodeGEMMQuantizationConfig.from_dict(block)
 
 
 def load_quantized(directory: str | os.PathLike, **from_pretrained_kwargs: Any) -> nn.Module:

@@ -96,6 +96,16 @@ class CodeGEMMQuantizationConfig(QuantizationConfigMixin):
         self.group_size = parsed.group_size
         self.modules_not_quantized = list(modules_not_quantized)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Read the JSON block; unlike the constructor, a missing ``format_version`` is an error."""
+        if not isinstance(config_dict, dict) or "format_version" not in config_dict:
+            raise CheckpointError(
+                f"quantization_config.format_version is missing; a CodeGEMM checkpoint must declare it "
+                f"(this codegemm reads {FORMAT_VERSION})"
+            )
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     @property
     def codebook_config(self) -> CodebookConfig:
         """The :class:`~codegemm.CodebookConfig` of every quantized linear."""
