@@ -244,7 +244,7 @@ def build_random_quantized_model(
     model.requires_grad_(False)
     model.eval()
     logger.info(
-        "built random %s model: %d quantized linears (%s), %d dense parameters, on %s in %s",
+        "built random %s model: %d quantized linears (%s), %d dense matrices initialized, on %s in %s",
         type(model).__name__,
         len(names),
         config.name,
