@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegemm import CodebookConfig, CodeGEMMLinear, DTypeError, ShapeError, reference
+from codegemm import CodebookConfig, CodeGEMMError, CodeGEMMLinear, DTypeError, ShapeError, reference
 from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel
 from codegemm.shapes import DECODER_BLOCKS
 from helpers import rel_error
@@ -79,11 +79,44 @@ def test_output_fully_written():
         assert torch.isfinite(out).all()
 
 
-def test_dispatch_picks_triton_on_cuda():
+def test_dispatch_picks_gpu_kernels_on_cuda():
     config = CodebookConfig.from_name("m2v8g128")
-    assert select_kernel(DEVICE, config, 1, torch.float16).name == "triton_psumbook"
-    assert select_kernel(DEVICE, config, 16, torch.bfloat16).name == "triton_psumbook"
+    assert select_kernel(DEVICE, config, 1, torch.float16).name == "cuda_psumbook"
+    assert select_kernel(DEVICE, config, 16, torch.bfloat16).name == "cuda_psumbook"
+    assert select_kernel(DEVICE, CodebookConfig.from_name("m2v4g128"), 16, torch.float16).name == "triton_psumbook"
     assert select_kernel(DEVICE, config, 17, torch.float16).name == "triton_dequant_gemm"
+
+
+@pytest.mark.parametrize("backend", [Backend.CUDA, Backend.TRITON])
+@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128", "m2v8"])
+def test_psumbook_backends_all_token_counts(backend, name):
+    """Both Psumbook implementations, every token count 1-16, both dtypes, bias, odd N."""
+    config = CodebookConfig.from_name(name)
+    n, k = 1000, 1024
+    codes, codebooks, scales = _random_layer(config, n, k)
+    for tokens in range(1, 17):
+        dtype = torch.float16 if tokens % 2 else torch.bfloat16
+        x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
+        bias = torch.randn(n, device=DEVICE, dtype=dtype) if tokens % 3 else None
+        out = codebook_matmul(x, codes, codebooks, scales, bias, config, backend)
+        ref = reference.dense_matmul(x, codes, codebooks, scales, bias, torch.float64)
+        weight = reference.dequantize(codes, codebooks, scales, torch.float64).to(dtype)
+        torch_err = rel_error(F.linear(x, weight, bias), ref)
+        err = rel_error(out, ref)
+        assert err <= max(1e-3 if dtype == torch.float16 else 0, 2 * torch_err), f"tokens={tokens}: {err:.2e}"
+
+
+def test_cuda_kernel_split_and_row_plans_agree():
+    from codegemm.ops.cuda import psumbook_matmul_cuda
+
+    config = CodebookConfig.from_name("m2v8g128")
+    codes, codebooks, scales = _random_layer(config, 3000, 2048)
+    x = torch.randn(5, 2048, device=DEVICE, dtype=torch.float16)
+    ref = reference.dense_matmul(x, codes, codebooks, scales, None, torch.float64)
+    for rpt in (2, 4):
+        for splits in (1, 3, 16):
+            out = psumbook_matmul_cuda(x, codes, codebooks, scales, None, rpt, splits)
+            assert rel_error(out, ref) <= 1e-3, (rpt, splits)
 
 
 class _TinyModel(nn.Module):
@@ -129,7 +162,7 @@ def test_bad_input_is_an_error_or_correct():
         codebook_matmul(x[:, :384], codes, codebooks, scales, None, config, Backend.TRITON)
     with pytest.raises(DTypeError):
         codebook_matmul(x, codes.cpu(), codebooks, scales, None, config, Backend.TRITON)
-    with pytest.raises(DTypeError):
+    with pytest.raises(CodeGEMMError):
         codebook_matmul(x.to(torch.int32), codes, codebooks, scales, None, config, Backend.TRITON)
     wide = torch.randn(3, 1024, device=DEVICE, dtype=torch.float16)[:, 1::2]
     ref = reference.dense_matmul(wide, codes, codebooks, scales, None, torch.float64)

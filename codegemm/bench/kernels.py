@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from codegemm import reference
 from codegemm.bench.timing import copy_bandwidth, device_name, l2_bytes, rotation_count, time_calls
 from codegemm.config import CodebookConfig
-from codegemm.ops.dispatch import codebook_matmul, select_kernel
+from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel
 from codegemm.shapes import BENCH_TOKENS, DECODER_BLOCKS
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
     parser.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per row")
     parser.add_argument("--json", metavar="PATH", help="also write all rows as JSON")
-    parser.add_argument("--tune", action="store_true",
-                        help="instead: time Psumbook tile plans (block_n x split_k x warps) per shape and token count")
+    parser.add_argument("--triton-too", action="store_true",
+                        help="also time the Triton kernels where the CUDA kernel is the default")
+    parser.add_argument("--tune", choices=["triton", "cuda", "both"],
+                        help="instead: time Psumbook tile plans (Triton: block_n x split_k x warps; CUDA: rows per "
+                             "thread x splits) per shape and token count")
 
 
 @dataclasses.dataclass
@@ -118,12 +121,24 @@ def _bench_shape(model, layer, k, n, tokens_list, configs, dtype, aqlm, args, ba
             t = time_calls(calls, replays=args.replays)
             row = Row(model, layer, k, n, tokens, f"codegemm-{name}", t.median_us, t.p20_us, t.p80_us,
                       int(q_bytes) + act_bytes(tokens), copies, impl=spec.name)
+            ref = None
             if not args.no_check:
                 codes, cb, s = layers[0]
                 ref = reference.dense_matmul(x, codes, cb, s, None, torch.float64)
                 row.rel_err = _rel_err(codebook_matmul(x, codes, cb, s, None, config), ref)
-                del ref
             rows.append(row)
+            if args.triton_too and spec.backend is not Backend.TRITON:
+                tspec = select_kernel(device, config, tokens, dtype, Backend.TRITON)
+                calls = [functools.partial(codebook_matmul, x, c, cb, s, None, config, Backend.TRITON)
+                         for c, cb, s in layers]
+                t = time_calls(calls, replays=args.replays)
+                row = Row(model, layer, k, n, tokens, f"triton-{name}", t.median_us, t.p20_us, t.p80_us,
+                          int(q_bytes) + act_bytes(tokens), copies, impl=tspec.name)
+                if ref is not None:
+                    codes, cb, s = layers[0]
+                    row.rel_err = _rel_err(codebook_matmul(x, codes, cb, s, None, config, Backend.TRITON), ref)
+                rows.append(row)
+            del ref
         del layers
     if aqlm:
         for kname, op in aqlm.items():
@@ -200,7 +215,7 @@ def tune_psumbook(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
                     default = plan_psumbook(tokens, n, k // config.vec_len, config.num_codebooks,
                                             config.codebook_size, vpg, device)
                     timed = []
-                    for bn in (64, 128, 256, 512):
+                    for bn in (64, 128, 256, 512) if args.tune != "cuda" else ():
                         for split in (None, 1, 2, 4, 8, 16):
                             for warps in (4, 8):
                                 plan = plan_psumbook(tokens, n, k // config.vec_len, config.num_codebooks,
@@ -216,13 +231,24 @@ def tune_psumbook(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
                                     logger.warning("plan %s failed: %s", plan, err)
                                     continue
                                 timed.append((plan, us))
+                    from codegemm.ops.cuda import psumbook_matmul_cuda, cuda_psumbook_eligible
+
+                    if args.tune != "triton" and cuda_psumbook_eligible(x, *layers[0], None):
+                        for rpt in (2, 4) if tokens == 1 else (2,):
+                            for split in (1, 2, 4, 8, 16, 32, 64):
+                                calls = [functools.partial(psumbook_matmul_cuda, x, c, cb, s, None, rpt, split)
+                                         for c, cb, s in layers]
+                                us = time_calls(calls, replays=20, warmup=3).median_us
+                                timed.append((f"cuda rpt={rpt} split={split}", us))
                     best = min(timed, key=lambda pu: pu[1])
                     default_us = next((us for p, us in timed if p == default), float("nan"))
                     print(f"{model} {shape.name} {k}x{n} {name} t={tokens}: default {default} {default_us:.1f} us; "
                           f"best {best[0]} {best[1]:.1f} us", flush=True)
+                    print("    " + " ".join(f"[{p}] {us:.1f}" for p, us in timed if isinstance(p, str)), flush=True)
                     results.append({"model": model, "layer": shape.name, "k": k, "n": n, "config": name,
                                     "tokens": tokens, "default_us": default_us,
-                                    "plans": [[dataclasses.asdict(p), us] for p, us in timed]})
+                                    "plans": [[p if isinstance(p, str) else dataclasses.asdict(p), us]
+                                              for p, us in timed]})
                 del layers
     return results
 

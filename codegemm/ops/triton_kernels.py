@@ -1,7 +1,9 @@
-"""Registers the Triton kernels with the dispatcher (imported by :mod:`codegemm.ops.dispatch` on CUDA).
+"""Registers the GPU kernels with the dispatcher (imported by :mod:`codegemm.ops.dispatch` on CUDA).
 
-On CUDA, 1-16 tokens go through the Psumbook kernel and everything else
-through the dequantize-in-registers GEMM. On the CPU the same kernels run
+On CUDA, 1-16 tokens go through the CUDA C++ Psumbook kernel for the configs
+compiled into it (m2v8, m1v4; it falls back to Triton inside the op when a
+call does not fit), through the Triton Psumbook kernel for the others, and
+everything else through the Triton dequantize-in-registers GEMM. On the CPU the same kernels run
 under ``TRITON_INTERPRET=1`` for tests, but only when ``backend="triton"`` is
 asked for: their priorities sit below the CPU kernels', so ``auto`` never
 picks the (slow) interpreter.
@@ -13,6 +15,7 @@ import torch
 
 from codegemm.config import CodebookConfig
 from codegemm.ops import custom_ops
+from codegemm.ops.cuda import CUDA_CONFIGS
 from codegemm.ops.dispatch import Backend, KernelSpec, register_kernel
 from codegemm.ops.triton_dequant import interpreting
 
@@ -41,14 +44,32 @@ def _psumbook(x, codes, codebooks, scales, bias):
     return custom_ops.psumbook_mm(x, codes, codebooks, scales, bias)
 
 
+def _psumbook_cuda(x, codes, codebooks, scales, bias):
+    return custom_ops.psumbook_cuda_mm(x, codes, codebooks, scales, bias)
+
+
+def _cuda_psumbook_ok(config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
+    return (
+        config.nbits == 8
+        and (config.num_codebooks, config.vec_len) in CUDA_CONFIGS
+        and 1 <= tokens <= PSUMBOOK_MAX_TOKENS
+        and dtype in (torch.float16, torch.bfloat16)
+    )
+
+
 def _dequant(x, codes, codebooks, scales, bias):
     return custom_ops.dequant_mm(x, codes, codebooks, scales, bias)
 
 
-def _cuda_priority(device: torch.device, high: int, low: int) -> int:
-    return high if device.type == "cuda" else low
-
-
+register_kernel(
+    KernelSpec(
+        "cuda_psumbook",
+        Backend.CUDA,
+        lambda dev, cfg, tokens, dtype: dev.type == "cuda" and _cuda_psumbook_ok(cfg, tokens, dtype),
+        _psumbook_cuda,
+        priority=40,
+    )
+)
 register_kernel(
     KernelSpec(
         "triton_psumbook",

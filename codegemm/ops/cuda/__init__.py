@@ -1,0 +1,154 @@
+"""CUDA C++ Psumbook kernel (psumbook.cu), built with nvcc at first use and called through ctypes.
+
+Only the benchmark configs where Triton measurably falls short are compiled
+in: m2v8 and m1v4 with 8-bit codes, fp16 codebooks and scales, fp16/bf16
+activations, 1-16 tokens. :func:`cuda_psumbook_eligible` says whether a call
+fits; everything else goes to the Triton kernels. The shared library lands in
+``$CODEGEMM_CUDA_CACHE`` (default ``~/.cache/codegemm/cuda``) under a name
+that holds the source hash and the GPU architecture, so edits rebuild it.
+A missing ``nvcc`` or a failed build logs a warning once and the Triton path
+takes over.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = pathlib.Path(__file__).with_name("psumbook.cu")
+CUDA_CONFIGS = {(2, 8), (1, 4)}
+"""(num_codebooks, vec_len) pairs compiled into the library (nbits = 8)."""
+MAX_TOKENS = 16
+_THREADS = 512
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def _nvcc() -> str | None:
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and (pathlib.Path(candidate) / "bin" / "nvcc").exists():
+            return str(pathlib.Path(candidate) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def library_path(arch: str) -> pathlib.Path:
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get("CODEGEMM_CUDA_CACHE", pathlib.Path.home() / ".cache" / "codegemm" / "cuda"))
+    return cache / f"psumbook_{digest}_{arch}.so"
+
+
+def build(arch: str) -> pathlib.Path:
+    """Compile psumbook.cu for ``arch`` (e.g. ``sm_90``) unless the cached library is current."""
+    path = library_path(arch)
+    if path.exists():
+        return path
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME); the CUDA Psumbook kernel cannot be built")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    number = arch.split("_")[1]
+    cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
+           f"-gencode=arch=compute_{number},code={arch}", "-o", str(tmp), str(_SOURCE)]
+    logger.info("building the CUDA Psumbook kernel: %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    os.replace(tmp, path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def load_library(arch: str) -> ctypes.CDLL | None:
+    """The built library for ``arch``, or None (logged once) when it cannot be built or loaded."""
+    if os.environ.get("CODEGEMM_DISABLE_CUDA", "0") not in ("", "0"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(arch)))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or ""
+        logger.warning("CUDA Psumbook kernel unavailable, using Triton: %s %s", err, detail[-2000:])
+        return None
+    lib.codegemm_psumbook.restype = ctypes.c_int
+    lib.codegemm_psumbook.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
+        ctypes.c_int] * 5 + [ctypes.c_void_p]
+    lib.codegemm_error_string.restype = ctypes.c_char_p
+    lib.codegemm_error_string.argtypes = [ctypes.c_int]
+    return lib
+
+
+def device_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def cuda_psumbook_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                           bias: torch.Tensor | None) -> bool:
+    """Whether this (already validated) call fits the compiled kernel's assumptions."""
+    if x.device.type != "cuda" or x.dtype not in _DTYPE_CODES or not 1 <= x.shape[0] <= MAX_TOKENS:
+        return False
+    n, num_vectors, m = codes.shape
+    v = codebooks.shape[2]
+    if (m, v) not in CUDA_CONFIGS or codebooks.shape[1] != 256 or codes.dtype != torch.uint8:
+        return False
+    if codebooks.dtype != torch.float16 or scales.dtype != torch.float16:
+        return False
+    if bias is not None and bias.dtype != x.dtype:
+        return False
+    vectors_per_chunk = 32 // m
+    groups = scales.shape[1]
+    if num_vectors % vectors_per_chunk or (groups > 1 and (num_vectors // groups) % vectors_per_chunk):
+        return False
+    if codes.data_ptr() % 16 or codebooks.data_ptr() % 16:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 0) and load_library(device_arch(x.device)) is not None
+
+
+def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.device) -> tuple[int, int]:
+    """(rows per thread, K splits): enough blocks to fill the GPU, splits only as needed."""
+    from codegemm.ops.triton_psumbook import sm_count
+
+    rpt = 4 if tokens == 1 else 2
+    blocks = -(-n // (_THREADS * rpt))
+    chunks = num_vectors // (32 // m)
+    target = 4 * sm_count(device)
+    splits = max(1, min(chunks, -(-target // blocks)))
+    return rpt, splits
+
+
+def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                         bias: torch.Tensor | None, rows_per_thread: int | None = None,
+                         splits: int | None = None) -> torch.Tensor:
+    """``x [T, K] -> [T, N]`` in ``x``'s dtype; the call must be :func:`cuda_psumbook_eligible` and contiguous."""
+    tokens = x.shape[0]
+    n, num_vectors, m = codes.shape
+    v = codebooks.shape[2]
+    default_rpt, default_splits = plan_cuda(tokens, n, num_vectors, m, x.device)
+    rpt = rows_per_thread or default_rpt
+    if tokens > 1:
+        rpt = 2  # the one-token kernel alone keeps 4 rows per thread in registers
+    splits = splits or default_splits
+    chunks = num_vectors // (32 // m)
+    per_split = -(-chunks // splits)
+    used = -(-chunks // per_split)
+    out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
+    partial = torch.empty(used, tokens, n, dtype=torch.float32, device=x.device) if used > 1 else None
+    groups = scales.shape[1]
+    lib = load_library(device_arch(x.device))
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    err = lib.codegemm_psumbook(
+        _DTYPE_CODES[x.dtype], m, v, rpt, tokens, x.data_ptr(), x.stride(0), codes.data_ptr(), codebooks.data_ptr(),
+        scales.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+        None if partial is None else partial.data_ptr(), n, num_vectors, groups,
+        num_vectors if groups == 1 else num_vectors // groups, splits, stream)
+    if err != 0:
+        reason = "config not compiled in" if err < 0 else lib.codegemm_error_string(err).decode()
+        raise RuntimeError(f"CUDA Psumbook kernel launch failed ({err}): {reason}")
+    return out
