@@ -41,16 +41,22 @@ class DataError(CodeGEMMError):
 def offline_text(split: str = "calib") -> str:
     """English prose shipped with Python itself (the language reference's topics).
 
-    Topics are sorted by name; every fourth one is held out for evaluation so
-    that ``split="eval"`` never overlaps ``split="calib"``.
+    Topics are sorted by name; every fourth one is held out for evaluation,
+    minus any paragraph that also occurs in the calibration part, so that
+    ``split="eval"`` never overlaps ``split="calib"``.
     """
     if split not in ("calib", "eval"):
         raise DataError(f"split must be 'calib' or 'eval'; got {split!r}")
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    keep = [n for i, n in enumerate(names) if (i % 4 == 3) == (split == "eval")]
-    return "\n\n".join(topics[n].strip() for n in keep)
+    calib = "\n\n".join(topics[n].strip() for i, n in enumerate(names) if i % 4 != 3)
+    if split == "calib":
+        return calib
+    # Topics repeat some passages; keep only paragraphs the calibration split never shows.
+    seen = set(calib.split("\n\n"))
+    held = "\n\n".join(topics[n].strip() for i, n in enumerate(names) if i % 4 == 3)
+    return "\n\n".join(p for p in held.split("\n\n") if p not in seen)
 
 
 def _hub_text(name: str, split: str) -> str:
@@ -85,9 +91,10 @@ def load_text(source: DataSource, split: str = "calib") -> str | list[str] | tor
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise DataError(
-                f"data must be a text file, 'offline', 'wikitext2' or 'c4'; no such file {path!r}"
-            )
+            shown = path if len(path) <= 80 else path[:77] + "..."
+            hint = " (a str is read as a file path; pass text itself as a list of strings)" if (
+                "\n" in path or len(path) > 255) else ""
+            raise DataError(f"data must be a text file, 'offline', 'wikitext2' or 'c4'; no such file {shown!r}{hint}")
         with open(path, encoding="utf-8", errors="replace") as handle:
             return handle.read()
     if isinstance(source, Sequence) and all(isinstance(s, str) for s in source):

@@ -11,6 +11,9 @@ code at a time in each hypothesis and keeping the ``beam_size`` best.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 _SCORE_BUDGET = 1 << 23
@@ -52,6 +55,24 @@ def _search_vector(
     return hyp[:, 0, :]
 
 
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, count: int) -> Iterator[None]:
+    """Run the sweep's many small CPU ops on ``count`` threads (restored afterwards).
+
+    Each op is a few hundred microseconds of work; with more threads the
+    fork/join barriers cost more than the op, badly so on a busy machine.
+    """
+    if device.type != "cpu" or torch.get_num_threads() <= count:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def beam_sweep(
     codes: torch.Tensor,
     books: torch.Tensor,
@@ -67,6 +88,11 @@ def beam_sweep(
     ``error [N, K]`` = ``W - Ŵ``; ``grad [N, K]`` = ``error @ H``; ``hessian [K, K]``.
     Returns the number of codes changed.
     """
+    with _cpu_threads(codes.device, 1):
+        return _sweep(codes, books, scales, error, grad, hessian, beam_size)
+
+
+def _sweep(codes, books, scales, error, grad, hessian, beam_size) -> int:
     n, num_vectors, m = codes.shape
     size, v = books.shape[1], books.shape[2]
     k = num_vectors * v

@@ -16,7 +16,7 @@ def nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     step = max(1, _DIST_BUDGET // max(1, size))
     for start in range(0, points.shape[0], step):
         chunk = points[start : start + step]
-        dist = sq[None, :] - 2.0 * chunk @ centroids.T
+        dist = torch.addmm(sq[None, :], chunk, centroids.T, alpha=-2.0)
         out[start : start + step] = dist.argmin(-1)
     return out
 

@@ -62,7 +62,7 @@ class QuantOptions:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": dict(beam_size=1, max_rounds=2, adam_steps=20, kmeans_iters=10, finetune_epochs=0),
+    "fast": dict(beam_size=1, max_rounds=2, adam_steps=8, kmeans_iters=8, kmeans_points=1 << 15, finetune_epochs=0),
     "best": dict(beam_size=4, max_rounds=6, adam_steps=50, kmeans_iters=25, tol=0.003, finetune_epochs=2),
 }
 """Named option sets; ``fast`` keeps the no-argument CLI run within minutes on a small CPU."""
