@@ -18,6 +18,7 @@ from codegemm.errors import (
 from codegemm.nn import CodeGEMMLinear
 from codegemm.ops import Backend
 from codegemm import hf  # noqa: F401  registers quant_method "codegemm" with transformers
+from codegemm.quant import QuantOptions, QuantReport, quantize, quantize_linear
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,11 @@ __all__ = [
     "CodebookConfig",
     "ConfigError",
     "DTypeError",
+    "QuantOptions",
+    "QuantReport",
     "RangeError",
     "ShapeError",
     "UnsupportedError",
+    "quantize",
+    "quantize_linear",
 ]
