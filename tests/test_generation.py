@@ -295,3 +295,73 @@ def test_generate_cli_on_embedded_gemma(capsys):
     captured = capsys.readouterr()
     assert captured.out.strip()
     assert "8 tokens" in captured.err or "tokens" in captured.err
+
+
+# --------------------------------------------------------------------------- decode attention (Triton, interpreted on CPU)
+
+
+def _attention_reference(q, k, v, lengths, scale):
+    batch, heads, _ = q.shape
+    group = heads // k.shape[1]
+    rows = []
+    for b in range(batch):
+        n = int(lengths[b])
+        keys = k[b, :, :n].double().repeat_interleave(group, 0)
+        values = v[b, :, :n].double().repeat_interleave(group, 0)
+        weights = ((q[b].double()[:, None, :] @ keys.transpose(-1, -2))[:, 0] * scale).softmax(-1)
+        rows.append((weights[:, None, :] @ values)[:, 0])
+    return torch.stack(rows)[:, None]
+
+
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,dim,cache_len,dtype,tol",
+    [(1, 4, 2, 32, 200, torch.float32, 1e-5), (3, 8, 2, 64, 130, torch.float32, 1e-5),
+     (2, 6, 6, 32, 64, torch.float32, 1e-5), (2, 8, 1, 64, 300, torch.float16, 2e-3)],
+)
+def test_decode_attention_matches_reference(batch, heads, kv_heads, dim, cache_len, dtype, tol):
+    from codegemm.generation.attention import decode_attention
+
+    # Non-contiguous in every dim, as a projection output viewed by transformers can be.
+    query = torch.randn(dim, 1, heads, batch, dtype=dtype).permute(3, 2, 1, 0)
+    key = torch.randn(batch, kv_heads, cache_len, dim, dtype=dtype)
+    value = torch.randn(batch, kv_heads, cache_len, dim, dtype=dtype)
+    lengths = torch.randint(1, cache_len + 1, (batch,))
+    lengths[0] = cache_len
+    out = decode_attention(query[:, :, 0], key, value, lengths, dim**-0.5)
+    ref = _attention_reference(query[:, :, 0], key, value, lengths, dim**-0.5)
+    assert out.shape == (batch, 1, heads, dim) and out.dtype == dtype
+    assert float((out.double() - ref).norm() / ref.norm()) < tol
+
+
+def test_decode_attention_in_a_model_matches_sdpa(model):
+    """One decode step through transformers with the decode attention switched on equals the SDPA step."""
+    from codegemm.generation.attention import decode_attention_enabled, supports_decode_attention
+    from codegemm.generation.cache import make_static_cache
+
+    assert supports_decode_attention(model) == ""
+    ids = _prompt(2, 9, seed=13)
+    steps = []
+    for enabled in (False, True):
+        cache = make_static_cache(model, 2, 64, torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            step = {"input_ids": ids[:, -1:], "position_ids": torch.full((2, 1), 9), "past_key_values": cache,
+                    "use_cache": True}
+            if enabled:
+                with decode_attention_enabled(model):
+                    steps.append(model(**step).logits)
+            else:
+                steps.append(model(**step).logits)
+    assert model.config._attn_implementation != "codegemm_decode"
+    assert float((steps[1] - steps[0]).norm() / steps[0].norm()) < 1e-5
+
+
+def test_decode_attention_refuses_other_attention_kinds():
+    from transformers import Gemma3TextConfig
+
+    from codegemm.generation.attention import supports_decode_attention
+
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8)
+    net = build_random_quantized_model(config, "m2v8g32", device="meta", dtype=torch.float32)
+    assert "plain-attention" in supports_decode_attention(net)

@@ -15,8 +15,9 @@ import torch
 from codegemm.generation import FastGenerator
 
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("matmul_quantized", re.compile(r"psumbook|dequant|codebook|code\dx\d+|codekx|aqlm", re.I)),
-    ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient|softmax", re.I)),
+    ("fused_elementwise_norm_rope", re.compile(r"^triton_(poi|red|per)_")),  # inductor's fused kernels
+    ("matmul_quantized", re.compile(r"psumbook|dequant|codebook|code\dx\d+|codekx|aqlm|split_reduce", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|efficient|softmax", re.I)),
     ("matmul_dense", re.compile(r"gemm|gemv|cutlass|sm\d\d_|nvjet|cublas|xmma|splitk|matmul", re.I)),
     ("argmax_sampling", re.compile(r"argmax|arg_max|topk|sort|multinomial|reduce_kernel.*max", re.I)),
     ("kv_cache_write", re.compile(r"index_copy|indexcopy|scatter|index_put", re.I)),

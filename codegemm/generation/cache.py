@@ -70,19 +70,15 @@ def cache_layers(cache) -> list:
 
 
 def replay_safe(cache, total_len: int) -> bool:
-    """Whether a decode step captured once stays valid for ``total_len`` tokens.
+    """Whether a decode step captured once stays valid while the text grows to ``total_len`` tokens.
 
-    Sliding-window layers of transformers 5.x switch to a different code path
-    (decided in Python) once their window is full, which a replayed graph would
-    not follow; everything else is driven by device tensors.
+    Sliding-window layers of transformers 5.x track their length in a Python
+    int that decides the mask offsets and the write path; a replayed graph
+    would keep the values seen at capture. Full-attention static layers are
+    driven by device tensors only.
     """
     for layer in cache_layers(cache):
-        window = getattr(layer, "max_cache_len", None)
-        if getattr(layer, "is_sliding", False) and window is not None and total_len > window:
-            _LOG.info(
-                "sliding-window cache of %d tokens is shorter than %d tokens: decoding without a captured graph",
-                window,
-                total_len,
-            )
+        if getattr(layer, "is_sliding", False) or hasattr(layer, "cumulative_length_int"):
+            _LOG.info("the cache has sliding-window layers: decoding without a captured graph")
             return False
     return True

@@ -10,6 +10,7 @@ same step runs eagerly (or compiled, on request).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -20,7 +21,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from codegemm.errors import ConfigError, DTypeError, RangeError, ShapeError
+from codegemm.errors import ConfigError, DTypeError, RangeError, ShapeError, UnsupportedError
+from codegemm.generation.attention import decode_attention_enabled, supports_decode_attention
 from codegemm.generation.cache import forward_parameters, make_static_cache, replay_safe, text_config
 from codegemm.generation.sampling import SamplingParams, select_next
 
@@ -111,6 +113,8 @@ class FastGenerator:
     One generator serves one model; the cache and captured graphs are built on the
     first request of a given batch size and cache length and reused after that.
     ``compile``/``cuda_graph`` default to on for CUDA models and off on CPU.
+    ``decode_attention`` (default: on wherever it applies) makes the captured
+    step attend only over the filled cache slots (:mod:`codegemm.generation.attention`).
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class FastGenerator:
         max_cache_len: int | None = None,
         compile: bool | None = None,
         cuda_graph: bool | None = None,
+        decode_attention: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise ConfigError(f"model must be a transformers causal LM (nn.Module with .config); got {type(model)}")
@@ -147,6 +152,12 @@ class FastGenerator:
         if self.cuda_graph and not on_cuda:
             raise ConfigError(f"cuda_graph=True needs a model on a CUDA device; the model is on {self.device}")
         self.compile = on_cuda if compile is None else bool(compile)
+        reason = supports_decode_attention(model) if self.cuda_graph else "it serves the CUDA-graph path only"
+        if decode_attention and reason:
+            raise UnsupportedError(f"decode_attention=True is not possible here: {reason}")
+        self.decode_attention = not reason if decode_attention is None else bool(decode_attention)
+        if reason and decode_attention is None and self.cuda_graph:
+            _LOG.info("decode steps use the model's own attention: %s", reason)
         params = forward_parameters(model)
         self._takes_cache_position = "cache_position" in params
         self._takes_position_ids = "position_ids" in params
@@ -259,19 +270,21 @@ class FastGenerator:
                 # An eager call lets lazily-sized caches allocate outside compiled code.
                 _decode_forward(self.model, self._step_kwargs(st))
                 st.initialized = True
+            attention = decode_attention_enabled(self.model) if self.decode_attention else contextlib.nullcontext()
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(COMPILE_WARMUP_CALLS):
-                    st.cache.reset()
-                    st.count.zero_()
-                    self._graph_body(st, greedy)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            st.cache.reset()
-            st.count.zero_()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self._graph_body(st, greedy)
+            with attention:
+                with torch.cuda.stream(stream):
+                    for _ in range(COMPILE_WARMUP_CALLS):
+                        st.cache.reset()
+                        st.count.zero_()
+                        self._graph_body(st, greedy)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                st.cache.reset()
+                st.count.zero_()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits = self._graph_body(st, greedy)
         st.graphs[greedy] = (graph, logits)
 
     def prepare(self, batch: int, cache_len: int, greedy: bool = True) -> float:
