@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=16, help="decode steps left out of the median")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the decode step (default: on for CUDA)")
+    parser.add_argument("--decode-attention", action=argparse.BooleanOptionalAction, default=None,
+                        help="attend over the filled cache slots only in the captured step (default: where it applies)")
     parser.add_argument("--hf-generate", action="store_true",
                         help="also time transformers' generate (static cache) for the codegemm backend at batch 1")
     parser.add_argument("--profile", action="store_true",
@@ -77,6 +79,7 @@ class Row:
     weights_gib: float = float("nan")
     hf_generate_tok_s: float = float("nan")
     e2e_tok_s: float = float("nan")
+    attention: str = ""
     skipped: str = ""
     profile: dict | None = None
 
@@ -185,7 +188,7 @@ def _time_hf_generate(model, prompt: torch.Tensor, plan: Plan) -> float:
 
 
 def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_generate: bool = False,
-             seed: int = 0, profile: bool = False) -> list[Row]:
+             seed: int = 0, profile: bool = False, decode_attention: bool | None = None) -> list[Row]:
     """Build each backend's model, measure every batch size, free it; returns one row per (backend, batch)."""
     rows: list[Row] = []
     for backend in plan.backends:
@@ -205,7 +208,8 @@ def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_gener
         build_s = time.perf_counter() - start
         weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         logger.info("%s: built in %.1f s, %.2f GiB of weights", backend, build_s, weights / 2**30)
-        gen = FastGenerator(model, max_batch_size=max(plan.batches), max_cache_len=plan.cache_len, compile=compile)
+        gen = FastGenerator(model, max_batch_size=max(plan.batches), max_cache_len=plan.cache_len, compile=compile,
+                            decode_attention=decode_attention)
         for batch in plan.batches:
             try:
                 row = _measure(gen, model, plan, batch, warmup, hf_generate and backend == CODEGEMM, seed, profile)
@@ -215,6 +219,7 @@ def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_gener
                 gen.release()
                 continue
             row.backend, row.build_s, row.weights_gib = backend, build_s, weights / 2**30
+            row.attention = "decode" if gen.decode_attention else "model"
             if plan.device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(plan.device) / 2**30
             logger.info("%s batch %d: %.1f tok/s decode, %.2f ms/step", backend, batch, row.decode_tok_s, row.step_ms)
@@ -266,7 +271,7 @@ def device_description(device: torch.device) -> str:
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     rows = run_plan(plan, warmup=args.warmup_steps, compile=args.compile, hf_generate=args.hf_generate,
-                    seed=args.seed, profile=args.profile)
+                    seed=args.seed, profile=args.profile, decode_attention=args.decode_attention)
     gpu = device_description(plan.device)
     for row in rows:
         if row.profile:
