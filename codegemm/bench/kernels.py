@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write all rows as JSON")
     parser.add_argument("--triton-too", action="store_true",
                         help="also time the Triton kernels where the CUDA kernel is the default")
+    parser.add_argument("--dequant-too", action="store_true",
+                        help="also time the Triton dequantize-in-registers GEMM at every token count")
     parser.add_argument("--tune", choices=["triton", "cuda", "both"],
                         help="instead: time Psumbook tile plans (Triton: block_n x split_k x warps; CUDA: rows per "
                              "thread x splits) per shape and token count")
@@ -138,6 +140,13 @@ def _bench_shape(model, layer, k, n, tokens_list, configs, dtype, aqlm, args, ba
                     codes, cb, s = layers[0]
                     row.rel_err = _rel_err(codebook_matmul(x, codes, cb, s, None, config, Backend.TRITON), ref)
                 rows.append(row)
+            if args.dequant_too and spec.name != "triton_dequant_gemm":
+                from codegemm.ops.custom_ops import dequant_mm
+
+                calls = [functools.partial(dequant_mm, x, c, cb, s, None) for c, cb, s in layers]
+                t = time_calls(calls, replays=args.replays)
+                rows.append(Row(model, layer, k, n, tokens, f"dequant-{name}", t.median_us, t.p20_us, t.p80_us,
+                                int(q_bytes) + act_bytes(tokens), copies, impl="triton_dequant_gemm"))
             del ref
         del layers
     if aqlm:

@@ -115,10 +115,12 @@ def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.devic
     """(rows per thread, K splits): enough blocks to fill the GPU, splits only as needed."""
     from codegemm.ops.triton_psumbook import sm_count
 
-    rpt = 4 if tokens == 1 else 2
+    rpt = 2
     blocks = -(-n // (_THREADS * rpt))
     chunks = num_vectors // (32 // m)
-    target = 4 * sm_count(device)
+    # Measured on an H200 (docs/KERNELS.md): one or two chunks per block wins; the smem gathers are the
+    # limiter and many small blocks keep every SM's shared-memory pipe busy.
+    target = 16 * sm_count(device)
     splits = max(1, min(chunks, -(-target // blocks)))
     return rpt, splits
 

@@ -76,33 +76,50 @@ __global__ void __launch_bounds__(THREADS) psumbook_kernel(
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) acc[r][t] = 0.f;
 
-  for (int chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
-    uint32_t word[RPT][8];
-    float scale[RPT];
+  // Software pipeline: the next chunk's codes, scales and activations are in flight while this one is
+  // built and gathered, so a block that walks several chunks hides the global-load latency.
+  constexpr int XPT = (MAXT * KT + THREADS - 1) / THREADS;
+  uint32_t word[RPT][8], next_word[RPT][8];
+  float scale[RPT], next_scale[RPT];
+  XT xr[XPT], next_xr[XPT];
+  auto fetch = [&](int chunk, uint32_t (&w)[RPT][8], float (&sc)[RPT], XT (&xv)[XPT]) {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int n = row0 + r * THREADS + tid;
       if (n < n_rows) {
         const uint4* p = reinterpret_cast<const uint4*>(codes + n * row_bytes + static_cast<size_t>(chunk) * 32);
         const uint4 a = load_stream(p), b = load_stream(p + 1);
-        word[r][0] = a.x; word[r][1] = a.y; word[r][2] = a.z; word[r][3] = a.w;
-        word[r][4] = b.x; word[r][5] = b.y; word[r][6] = b.z; word[r][7] = b.w;
-        scale[r] = __half2float(scales[static_cast<size_t>(n) * groups + (chunk * JT) / vectors_per_group]);
+        w[r][0] = a.x; w[r][1] = a.y; w[r][2] = a.z; w[r][3] = a.w;
+        w[r][4] = b.x; w[r][5] = b.y; w[r][6] = b.z; w[r][7] = b.w;
+        sc[r] = __half2float(scales[static_cast<size_t>(n) * groups + (chunk * JT) / vectors_per_group]);
       } else {
 #pragma unroll
-        for (int w = 0; w < 8; ++w) word[r][w] = 0u;
-        scale[r] = 0.f;
+        for (int k = 0; k < 8; ++k) w[r][k] = 0u;
+        sc[r] = 0.f;
       }
     }
-    __syncthreads();  // the previous chunk's readers of xs and psum are done
-    for (int i = tid; i < tokens * KT; i += THREADS) {
+#pragma unroll
+    for (int u = 0; u < XPT; ++u) {
+      const int i = tid + u * THREADS;
       const int t = i / KT, k = i - t * KT;
-      xs[t * KT + k] = to_float(x[static_cast<size_t>(t) * stride_x + static_cast<size_t>(chunk) * KT + k]);
+      if (t < tokens) xv[u] = x[static_cast<size_t>(t) * stride_x + static_cast<size_t>(chunk) * KT + k];
     }
+  };
+  if (chunk_lo < chunk_hi) fetch(chunk_lo, word, scale, xr);
+
+  for (int chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
+    __syncthreads();  // the previous chunk's readers of xs and psum are done
+#pragma unroll
+    for (int u = 0; u < XPT; ++u) {
+      const int i = tid + u * THREADS;
+      if (i < tokens * KT) xs[i] = to_float(xr[u]);
+    }
+    if (chunk + 1 < chunk_hi) fetch(chunk + 1, next_word, next_scale, next_xr);
     __syncthreads();
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) {
       if (t >= tokens) break;
+      if (t > 0) __syncthreads();  // token t-1's gathers are done
       const float* xt = xs + t * KT;
 #pragma unroll
       for (int k = 0; k < 16; ++k) {
@@ -131,8 +148,15 @@ __global__ void __launch_bounds__(THREADS) psumbook_kernel(
         }
         acc[r][t] = fmaf(s0 + s1, scale[r], acc[r][t]);
       }
-      __syncthreads();
     }
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      scale[r] = next_scale[r];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) word[r][k] = next_word[r][k];
+    }
+#pragma unroll
+    for (int u = 0; u < XPT; ++u) xr[u] = next_xr[u];
   }
 
 #pragma unroll
