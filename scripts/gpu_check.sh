@@ -2,7 +2,7 @@
 # GPU check, run on the device machine from the repository root:
 #   bash scripts/gpu_check.sh            # tests, memcheck, kernel benchmark (table printed last)
 #   STEPS="tests bench" bash scripts/gpu_check.sh
-#   STEPS="gen-tests decode decode70b" bash scripts/gpu_check.sh   # generation tests, decode benchmarks
+#   STEPS="gen-tests gen-cli decode decode70b" bash scripts/gpu_check.sh   # generation tests, CLI, decode benchmarks
 # Wheels in .whl/ (e.g. aqlm, for the benchmark's peer kernels) are installed to /tmp/site first.
 # Logs and JSON go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
@@ -65,6 +65,21 @@ PY
   gen-tests)
     echo "== generation GPU tests (compiled, graph-replayed decode step)"
     python3 -m pytest -q -m gpu tests/test_generation_gpu.py 2>&1 | tee "$OUT/gen_tests.log" | tail -n 30 || status=1
+    ;;
+  gen-cli)
+    echo "== codegemm generate on the GPU: random-weight CodeGEMM model of the Gemma 3 270M architecture, byte tokenizer"
+    python3 - /tmp/gemma3-270m-random <<'PY' || status=1
+import sys, torch
+from codegemm.bench.archs import architecture_config
+from codegemm.hf.checkpoint import save_quantized
+from codegemm.random_model import build_random_quantized_model
+from tests._tiny_models import byte_tokenizer
+model = build_random_quantized_model(architecture_config("gemma3-270m"), "m2v8g128", "cpu", torch.bfloat16, seed=0)
+save_quantized(model, sys.argv[1])
+byte_tokenizer().save_pretrained(sys.argv[1])
+PY
+    python3 -m codegemm.cli.main generate /tmp/gemma3-270m-random "The capital of France is" --max-new-tokens 48 \
+      --ignore-eos 2>&1 | tee "$OUT/gen_cli.log" | tail -n 4 || status=1
     ;;
   decode)
     echo "== decode benchmark: Llama-3-8B architecture, batch 1/4/16 (DECODE_ARGS adds or overrides flags)"

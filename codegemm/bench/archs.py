@@ -2,7 +2,9 @@
 
 Each entry holds the fields of the architecture's Hugging Face config that set
 the shapes and the cost of a decode step (layer count, widths, heads, vocabulary,
-rotary settings). ``tiny-llama`` is a few-MB model for CPU smoke tests.
+rotary settings). ``gemma3-270m`` is the embedded default model's architecture
+(sliding-window layers: decoded without a captured graph); ``tiny-llama`` is a
+few-MB model for CPU smoke tests.
 """
 
 from __future__ import annotations
@@ -41,6 +43,27 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 80,
         "num_attention_heads": 64,
         "num_key_value_heads": 8,
+    },
+    "gemma3-270m": {
+        "model_type": "gemma3_text",
+        "vocab_size": 262144,
+        "hidden_size": 640,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 18,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 512,
+        "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
     },
     "tiny-llama": {
         "model_type": "llama",
