@@ -29,7 +29,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // prefetch size makes one DRAM access bring the row's next chunks into L2 as well (a block walks chunks
 // in order), instead of a separate half-used 32-byte DRAM access per chunk.
 #ifndef CODEGEMM_L2_PREFETCH
-#define CODEGEMM_L2_PREFETCH 128
+#define CODEGEMM_L2_PREFETCH 0
 #endif
 #define CODEGEMM_STR2(x) #x
 #define CODEGEMM_STR(x) CODEGEMM_STR2(x)
