@@ -152,8 +152,10 @@ def test_select_next_greedy_is_argmax():
     assert torch.equal(select_next(logits, SamplingParams(), None), logits.argmax(-1))
 
 
-def test_gemma3_sliding_window_matches_generate():
-    """A hybrid sliding-window model, decoded past its window, through the generic path."""
+@pytest.mark.parametrize("decode_attention", [None, True])
+def test_gemma3_sliding_window_matches_generate(decode_attention):
+    """A hybrid sliding-window model decoded past its window: the generic path (transformers' rolling cache and
+    SDPA), and the decode attention over a full-length cache (interpreted Triton on CPU)."""
     from transformers import Gemma3TextConfig
 
     config = Gemma3TextConfig(
@@ -163,9 +165,11 @@ def test_gemma3_sliding_window_matches_generate():
         eos_token_id=None, bos_token_id=None, pad_token_id=0,
     )
     net = _no_eos(build_random_quantized_model(config, "m2v8g32", device="cpu", dtype=torch.float32, seed=2))
-    ids = _prompt(1, 5, seed=12)
-    out = FastGenerator(net).generate(ids, 14)
+    ids = _prompt(2, 5, seed=12)
+    gen = FastGenerator(net, decode_attention=decode_attention)
+    out = gen.generate(ids, 14)
     assert torch.equal(out.sequences, _hf_greedy(net, ids, 14))
+    assert gen._state.replay_ok == bool(decode_attention)  # full-length layers keep the step replayable
 
 
 # --------------------------------------------------------------------------- bad input
@@ -356,7 +360,7 @@ def test_decode_attention_in_a_model_matches_sdpa(model):
     assert float((steps[1] - steps[0]).norm() / steps[0].norm()) < 1e-5
 
 
-def test_decode_attention_refuses_other_attention_kinds():
+def test_decode_attention_accepts_sliding_windows_but_not_softcapping():
     from transformers import Gemma3TextConfig
 
     from codegemm.generation.attention import supports_decode_attention
@@ -364,4 +368,6 @@ def test_decode_attention_refuses_other_attention_kinds():
     config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8)
     net = build_random_quantized_model(config, "m2v8g32", device="meta", dtype=torch.float32)
-    assert "plain-attention" in supports_decode_attention(net)
+    assert supports_decode_attention(net) == ""
+    config.attn_logit_softcapping = 50.0
+    assert "softcaps" in supports_decode_attention(net)

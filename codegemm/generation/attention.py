@@ -12,7 +12,10 @@ function for one-token decode steps:
   and keeps an online softmax; a second kernel merges the chunks;
 * the valid length comes from ``position_ids`` (slot of the current token + 1,
   a device tensor), so a captured CUDA graph stays correct as the text grows
-  and chunks past the length exit at once.
+  and chunks past the length exit at once;
+* sliding-window layers read the last ``sliding_window`` slots of a full-length
+  cache (see :func:`codegemm.generation.cache.make_static_cache`), which keeps
+  them replayable too.
 
 It is switched on only inside :func:`decode_attention_enabled`, around the
 capture of the decode step, for architectures whose attention is plain scaled
@@ -38,9 +41,11 @@ ATTENTION_NAME = "codegemm_decode"
 """Name under which the decode attention is registered with transformers' ``AttentionInterface``."""
 
 PLAIN_ATTENTION_MODELS = frozenset(
-    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "granite", "olmo2", "gemma"}
+    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "granite", "olmo2", "gemma",
+     "gemma3_text"}
 )
-"""Architectures whose attention is softmax(q k^T * scaling) v with GQA and nothing else (no softcap, sinks, ALiBi)."""
+"""Architectures whose attention is softmax(q k^T * scaling) v with GQA, optionally over a sliding window of
+``sliding_window`` keys passed to the attention function, and nothing else (no softcap, sinks, ALiBi)."""
 
 BLOCK_N = 64
 """Cache slots per inner step of a program."""
@@ -58,7 +63,7 @@ if triton is not None:
     def _decode_attn_split(
         Q, K, V, LENS, O_PART, M_PART, L_PART,
         stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
-        stride_vb, stride_vh, stride_vl, stride_vd, scale_log2, keys_per_split,
+        stride_vb, stride_vh, stride_vl, stride_vd, scale_log2, keys_per_split, window,
         H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
         SPLITS: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -67,8 +72,9 @@ if triton is not None:
         b = pid // H_KV
         kvh = pid % H_KV
         length = tl.load(LENS + b).to(tl.int32)
-        start = split * keys_per_split
-        end = tl.minimum(start + keys_per_split, length)
+        first = tl.where(window > 0, tl.maximum(length - window, 0), 0)  # sliding window: the last `window` slots
+        start = tl.maximum(split * keys_per_split, first)
+        end = tl.minimum(split * keys_per_split + keys_per_split, length)
         g = tl.arange(0, GROUP_P)
         d = tl.arange(0, D)
         head = kvh * GROUP + g
@@ -132,9 +138,9 @@ def num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) 
 
 @torch.library.custom_op("codegemm_generation::decode_attention", mutates_args=())
 def decode_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float, window: int = 0
 ) -> torch.Tensor:
-    """Attention of one query per row over the first ``lengths[b]`` cache slots.
+    """Attention of one query per row over the first ``lengths[b]`` cache slots (the last ``window`` of them if > 0).
 
     ``query [B, H, D]``, ``key``/``value [B, H_kv, L, D]`` (any strides; ``H`` a
     multiple of ``H_kv``, query head ``h`` reads KV head ``h // (H / H_kv)``), ``lengths`` int ``[B]``
@@ -155,7 +161,7 @@ def decode_attention(
     _decode_attn_split[(batch * kv_heads, splits)](
         query, key, value, lengths, o_part, m_part, l_part,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2), key.stride(3),
-        value.stride(0), value.stride(1), value.stride(2), value.stride(3), scale * log2e, keys_per_split,
+        value.stride(0), value.stride(1), value.stride(2), value.stride(3), scale * log2e, keys_per_split, window,
         H=heads, H_KV=kv_heads, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=dim,
         SPLITS=splits, BLOCK=BLOCK_N, IEEE=query.dtype == torch.float32,
     )
@@ -165,7 +171,7 @@ def decode_attention(
 
 
 @decode_attention.register_fake
-def _(query, key, value, lengths, scale):
+def _(query, key, value, lengths, scale, window=0):
     batch, heads, dim = query.shape
     return query.new_empty(batch, 1, heads, dim)
 
@@ -187,10 +193,13 @@ def _attention_forward(
             f"{ATTENTION_NAME} attention handles one query token per row with position_ids given; "
             f"got {query.shape[2]} query tokens, position_ids {'missing' if position_ids is None else 'given'}"
         )
+    if getattr(module, "attn_logit_softcapping", None):
+        raise UnsupportedError(f"{ATTENTION_NAME} attention does not apply logit softcapping")
     batch = query.shape[0]
     lengths = (position_ids[:, -1] + 1).expand(batch).contiguous()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return decode_attention(query[:, :, 0, :], key, value, lengths, float(scale)), None
+    window = kwargs.get("sliding_window") or 0
+    return decode_attention(query[:, :, 0, :], key, value, lengths, float(scale), int(window)), None
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,10 +221,10 @@ def supports_decode_attention(model: nn.Module) -> str:
     if model_type not in PLAIN_ATTENTION_MODELS:
         return f"model_type {model_type!r} is not in the plain-attention list"
     layer_types = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        return "the model has sliding-window or other non-full attention layers"
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and not layer_types:
-        return "the model uses sliding-window attention"
+    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
+        return f"the model has attention layers other than full and sliding-window: {sorted(set(layer_types))}"
+    if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "use_bidirectional_attention", False):
+        return "the model softcaps attention logits or attends bidirectionally"
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads

@@ -10,6 +10,7 @@ write position in a device tensor. This module hides those differences.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 
@@ -48,11 +49,29 @@ def kv_cache_bytes(config, batch_size: int, max_cache_len: int, dtype: torch.dty
 
 
 def make_static_cache(
-    model: nn.Module, batch_size: int, max_cache_len: int, device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    batch_size: int,
+    max_cache_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    full_length_layers: bool = False,
 ) -> StaticCache:
-    """A ``StaticCache`` for ``batch_size`` rows of ``max_cache_len`` tokens, on any supported version."""
+    """A ``StaticCache`` for ``batch_size`` rows of ``max_cache_len`` tokens, on any supported version.
+
+    ``full_length_layers=True`` gives sliding-window layers a full-length cache
+    too (slot = position, no rolling), for attention that applies the window
+    itself (:mod:`codegemm.generation.attention`); masks built by the model still
+    apply the window, so prefill through the model's own attention stays exact.
+    """
     params = inspect.signature(StaticCache.__init__).parameters
-    kwargs: dict = {"config": model.config, "max_cache_len": max_cache_len}
+    config = model.config
+    if full_length_layers:
+        config = copy.copy(text_config(model))
+        layers = getattr(config, "layer_types", None)
+        if layers:
+            config.layer_types = ["full_attention"] * len(layers)
+        config.sliding_window = None
+    kwargs: dict = {"config": config, "max_cache_len": max_cache_len}
     if "max_batch_size" in params:
         kwargs["max_batch_size"] = batch_size
     elif "batch_size" in params:

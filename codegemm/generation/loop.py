@@ -152,7 +152,9 @@ class FastGenerator:
         if self.cuda_graph and not on_cuda:
             raise ConfigError(f"cuda_graph=True needs a model on a CUDA device; the model is on {self.device}")
         self.compile = on_cuda if compile is None else bool(compile)
-        reason = supports_decode_attention(model) if self.cuda_graph else "it serves the CUDA-graph path only"
+        reason = supports_decode_attention(model)
+        if not reason and not self.cuda_graph and decode_attention is None:
+            reason = "it is used by default on the CUDA-graph path only"
         if decode_attention and reason:
             raise UnsupportedError(f"decode_attention=True is not possible here: {reason}")
         self.decode_attention = not reason if decode_attention is None else bool(decode_attention)
@@ -228,7 +230,7 @@ class FastGenerator:
         st = _DecodeState(
             batch_size=batch,
             cache_len=cache_len,
-            cache=make_static_cache(self.model, batch, cache_len, dev, self.dtype),
+            cache=make_static_cache(self.model, batch, cache_len, dev, self.dtype, self.decode_attention),
             ids=torch.zeros(batch, 1, dtype=torch.long, device=dev),
             pos=torch.zeros(batch, 1, dtype=torch.long, device=dev),
             cache_pos=torch.zeros(1, dtype=torch.long, device=dev),
@@ -255,10 +257,14 @@ class FastGenerator:
         st.tokens.index_copy_(1, st.count, next_tokens.view(-1, 1))
         st.count.add_(1)
 
+    def _attention(self) -> contextlib.AbstractContextManager:
+        return decode_attention_enabled(self.model) if self.decode_attention else contextlib.nullcontext()
+
     def _graph_body(self, st: _DecodeState, greedy: bool) -> torch.Tensor:
         # A step that cannot be replayed would recompile on every call: run it eagerly.
         step = self._step if st.replay_ok else _decode_forward
-        logits = step(self.model, self._step_kwargs(st))
+        with self._attention():
+            logits = step(self.model, self._step_kwargs(st))
         if greedy:
             self._advance(st, logits.argmax(dim=-1))
         return logits
@@ -270,21 +276,19 @@ class FastGenerator:
                 # An eager call lets lazily-sized caches allocate outside compiled code.
                 _decode_forward(self.model, self._step_kwargs(st))
                 st.initialized = True
-            attention = decode_attention_enabled(self.model) if self.decode_attention else contextlib.nullcontext()
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with attention:
-                with torch.cuda.stream(stream):
-                    for _ in range(COMPILE_WARMUP_CALLS):
-                        st.cache.reset()
-                        st.count.zero_()
-                        self._graph_body(st, greedy)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                st.cache.reset()
-                st.count.zero_()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    logits = self._graph_body(st, greedy)
+            with torch.cuda.stream(stream):
+                for _ in range(COMPILE_WARMUP_CALLS):
+                    st.cache.reset()
+                    st.count.zero_()
+                    self._graph_body(st, greedy)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            st.cache.reset()
+            st.count.zero_()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._graph_body(st, greedy)
         st.graphs[greedy] = (graph, logits)
 
     def prepare(self, batch: int, cache_len: int, greedy: bool = True) -> float:
