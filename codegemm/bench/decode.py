@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import logging
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -27,7 +29,7 @@ from codegemm.bench.archs import architecture_config
 from codegemm.bench.decode_profile import format_profile, profile_decode
 from codegemm.bench.models import AQLM_FORMATS, CODEGEMM, FP16, aqlm_available, build_model, estimated_bytes, parse_backends
 from codegemm.config import as_config
-from codegemm.errors import ConfigError
+from codegemm.errors import ConfigError, UnsupportedError
 from codegemm.generation import DEFAULT_MAX_BATCH_SIZE, FastGenerator
 from codegemm.generation.cache import kv_cache_bytes
 
@@ -188,10 +190,16 @@ def _time_hf_generate(model, prompt: torch.Tensor, plan: Plan) -> float:
 
 
 def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_generate: bool = False,
-             seed: int = 0, profile: bool = False, decode_attention: bool | None = None) -> list[Row]:
-    """Build each backend's model, measure every batch size, free it; returns one row per (backend, batch)."""
+             seed: int = 0, profile: bool = False, decode_attention: bool | None = None,
+             on_rows: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """Build each backend's model, measure every batch size, free it; returns one row per (backend, batch).
+
+    ``on_rows`` sees the rows so far after each measurement (to save partial results of a long run).
+    """
     rows: list[Row] = []
     for backend in plan.backends:
+        if on_rows is not None and rows:
+            on_rows(rows)
         reason = ""
         if backend in AQLM_FORMATS:
             reason = aqlm_available() or ("" if plan.device.type == "cuda" else "aqlm kernels are benchmarked on CUDA only")
@@ -203,7 +211,14 @@ def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_gener
         if plan.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(plan.device)
         start = time.perf_counter()
-        model = build_model(backend, plan.hf_config, plan.config, plan.device, plan.dtype, seed)
+        try:
+            model = build_model(backend, plan.hf_config, plan.config, plan.device, plan.dtype, seed)
+        except (RuntimeError, OSError, ImportError, UnsupportedError) as err:  # e.g. a peer kernel that fails to build
+            logger.exception("%s: building the model failed", backend)
+            rows.extend(Row(backend=backend, batch=b, skipped=f"failed: {type(err).__name__}: {err}"[:300])
+                        for b in plan.batches)
+            _free()
+            continue
         _sync(plan.device)
         build_s = time.perf_counter() - start
         weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -225,8 +240,12 @@ def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_gener
             logger.info("%s batch %d: %.1f tok/s decode, %.2f ms/step", backend, batch, row.decode_tok_s, row.step_ms)
             rows.append(row)
             gen.release()
+            if on_rows is not None:
+                on_rows(rows)
         del gen, model
         _free()
+    if on_rows is not None:
+        on_rows(rows)
     return rows
 
 
@@ -270,31 +289,35 @@ def device_description(device: torch.device) -> str:
 
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
-    rows = run_plan(plan, warmup=args.warmup_steps, compile=args.compile, hf_generate=args.hf_generate,
-                    seed=args.seed, profile=args.profile, decode_attention=args.decode_attention)
     gpu = device_description(plan.device)
+    save = functools.partial(write_json, args.json, args, plan, gpu) if args.json else None
+    rows = run_plan(plan, warmup=args.warmup_steps, compile=args.compile, hf_generate=args.hf_generate,
+                    seed=args.seed, profile=args.profile, decode_attention=args.decode_attention, on_rows=save)
     for row in rows:
         if row.profile:
             print(format_profile(row.backend, row.batch, row.profile))
     print(format_table(rows, gpu))
-    if args.json:
-        import transformers
-
-        payload = {
-            "benchmark": "decode",
-            "gpu": gpu,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "arch": args.arch,
-            "num_layers": plan.hf_config.num_hidden_layers,
-            "config": plan.config.name,
-            "prompt": plan.prompt,
-            "tokens": plan.tokens,
-            "cache_len": plan.cache_len,
-            "dtype": args.dtype,
-            "rows": [_json_row(r) for r in rows],
-        }
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
     return 0
+
+
+def write_json(path: str, args: argparse.Namespace, plan: Plan, gpu: str, rows: list[Row]) -> None:
+    """The run's settings, versions, GPU, date and every row, as strict JSON."""
+    import transformers
+
+    payload = {
+        "benchmark": "decode",
+        "gpu": gpu,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "arch": args.arch,
+        "num_layers": plan.hf_config.num_hidden_layers,
+        "config": plan.config.name,
+        "prompt": plan.prompt,
+        "tokens": plan.tokens,
+        "cache_len": plan.cache_len,
+        "dtype": args.dtype,
+        "rows": [_json_row(r) for r in rows],
+    }
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
