@@ -243,7 +243,7 @@ def tune_psumbook(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
                     from codegemm.ops.cuda import psumbook_matmul_cuda, cuda_psumbook_eligible
 
                     if args.tune != "triton" and cuda_psumbook_eligible(x, *layers[0], None):
-                        for rpt in (2, 4) if tokens == 1 else (2,):
+                        for rpt in (4, 8) if tokens == 1 else (2,):
                             for split in (1, 2, 4, 8, 16, 32, 64):
                                 calls = [functools.partial(psumbook_matmul_cuda, x, c, cb, s, None, rpt, split)
                                          for c, cb, s in layers]

@@ -112,11 +112,12 @@ def cuda_psumbook_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torc
 
 
 def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.device) -> tuple[int, int]:
-    """(rows per thread, K splits): enough blocks to fill the GPU, splits only as needed."""
+    """(rows per thread or lane pair, K splits) for the plans compiled into psumbook.cu."""
     from codegemm.ops.triton_psumbook import sm_count
 
-    rpt = 2
-    blocks = -(-n // (_THREADS * rpt))
+    # One token: two lanes per row, 4 rows per lane pair; more tokens: one lane per row, 2 rows per thread.
+    rpt, lanes = (4, 2) if tokens == 1 else (2, 1)
+    blocks = -(-n // (_THREADS // lanes * rpt))
     chunks = num_vectors // (32 // m)
     # Measured on an H200 (docs/KERNELS.md): one or two chunks per block wins; the smem gathers are the
     # limiter and many small blocks keep every SM's shared-memory pipe busy.
@@ -134,8 +135,7 @@ def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.
     v = codebooks.shape[2]
     default_rpt, default_splits = plan_cuda(tokens, n, num_vectors, m, x.device)
     rpt = rows_per_thread or default_rpt
-    if tokens > 1:
-        rpt = 2  # the one-token kernel alone keeps 4 rows per thread in registers
+    rpt = (8 if rpt >= 8 else 4) if tokens == 1 else 2  # the plans compiled in (psumbook.cu)
     splits = splits or default_splits
     chunks = num_vectors // (32 // m)
     per_split = -(-chunks // splits)

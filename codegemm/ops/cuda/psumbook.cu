@@ -1,11 +1,13 @@
 // Psumbook GEMV/small-batch GEMM for CodeGEMM, 1-16 tokens, 8-bit codes, fp16 codebooks and scales.
 //
-// One thread block (512 threads) owns 512 * RPT output rows and a contiguous range of K chunks (a split of K).
+// One thread block (512 threads, one or two lanes per row) owns 512 / LANES * RPT output rows and a
+// contiguous range of K chunks (a split of K).
 // A chunk is the 32 code bytes of each row that cover JT = 32 / M vectors (JT * V inputs, inside one
 // scale group). Per chunk and token the block builds the Psumbook in shared memory,
 //     psum[(j * M + i) * 256 + c] = <codebooks[i, c, :], x[t, (chunk * JT + j) * V : ... + V]>   (fp32),
-// then each thread, which holds its rows' 32 code bytes in registers (two 16-byte streaming loads),
-// gathers 32 entries per row, sums them in fp32 and scales by the row's group scale.
+// then each lane, which holds its share of its rows' 32 code bytes in registers (16-byte streaming loads),
+// gathers one entry per code, sums them in fp32 and scales by the row's group scale; with two lanes per
+// row, one shuffle at the end adds the halves.
 // Splits write fp32 partials that codegemm_split_reduce sums in split order: bit-identical results.
 // Built at first use by codegemm/ops/cuda/__init__.py (nvcc -> shared library, called through ctypes).
 
@@ -47,8 +49,8 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return r;
 }
 
-template <int M, int V, int RPT, int MAXT, typename XT>
-__global__ void __launch_bounds__(THREADS) psumbook_kernel(
+template <int M, int V, int RPT, int MAXT, int LANES, typename XT>
+__global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbook_kernel(
     const XT* __restrict__ x, int tokens, int stride_x, const uint8_t* __restrict__ codes,
     const __half* __restrict__ codebooks, const __half* __restrict__ scales, const XT* __restrict__ bias,
     XT* __restrict__ out, float* __restrict__ partial, int n_rows, int num_vectors, int groups,
@@ -62,7 +64,16 @@ __global__ void __launch_bounds__(THREADS) psumbook_kernel(
   float* xs = psum + ENTRIES;   // [MAXT][KT]
 
   const int tid = threadIdx.x;
-  const int row0 = blockIdx.x * THREADS * RPT;
+  // Row role: LANES lanes per row, each with 32 / LANES of its code bytes per chunk. With two, one
+  // warp-wide load touches 16 rows' cache lines instead of 32 (the L1 wavefronts of code loads halve),
+  // which pays for one token; with more tokens the Psumbook builds dominate and one lane per row wins.
+  static_assert(LANES == 1 || LANES == 2, "one or two lanes per row");
+  constexpr int PAIRS = THREADS / LANES;
+  constexpr int WORDS = 8 / LANES;
+  constexpr int CODES = 32 / LANES;
+  const int half = LANES == 2 ? (tid & 1) : 0;
+  const int pair = tid / LANES;
+  const int row0 = blockIdx.x * PAIRS * RPT;
   const int num_chunks = num_vectors / JT;
   const int chunk_lo = blockIdx.y * chunks_per_split;
   const int chunk_hi = min(chunk_lo + chunks_per_split, num_chunks);
@@ -92,22 +103,24 @@ __global__ void __launch_bounds__(THREADS) psumbook_kernel(
   // Software pipeline: the next chunk's codes, scales and activations are in flight while this one is
   // built and gathered, so a block that walks several chunks hides the global-load latency.
   constexpr int XPT = (MAXT * KT + THREADS - 1) / THREADS;
-  uint32_t word[RPT][8], next_word[RPT][8];
+  uint32_t word[RPT][WORDS], next_word[RPT][WORDS];
   float scale[RPT], next_scale[RPT];
   XT xr[XPT], next_xr[XPT];
-  auto fetch = [&](int chunk, uint32_t (&w)[RPT][8], float (&sc)[RPT], XT (&xv)[XPT]) {
+  auto fetch = [&](int chunk, uint32_t (&w)[RPT][WORDS], float (&sc)[RPT], XT (&xv)[XPT]) {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
-      const int n = row0 + r * THREADS + tid;
+      const int n = row0 + r * PAIRS + pair;
       if (n < n_rows) {
-        const uint4* p = reinterpret_cast<const uint4*>(codes + n * row_bytes + static_cast<size_t>(chunk) * 32);
-        const uint4 a = load_stream(p), b = load_stream(p + 1);
-        w[r][0] = a.x; w[r][1] = a.y; w[r][2] = a.z; w[r][3] = a.w;
-        w[r][4] = b.x; w[r][5] = b.y; w[r][6] = b.z; w[r][7] = b.w;
+        const uint4* p = reinterpret_cast<const uint4*>(codes + n * row_bytes + static_cast<size_t>(chunk) * 32) + half;
+#pragma unroll
+        for (int u = 0; u < WORDS / 4; ++u) {
+          const uint4 a = load_stream(p + u);
+          w[r][4 * u] = a.x; w[r][4 * u + 1] = a.y; w[r][4 * u + 2] = a.z; w[r][4 * u + 3] = a.w;
+        }
         sc[r] = __half2float(scales[static_cast<size_t>(n) * groups + (chunk * JT) / vectors_per_group]);
       } else {
 #pragma unroll
-        for (int k = 0; k < 8; ++k) w[r][k] = 0u;
+        for (int k = 0; k < WORDS; ++k) w[r][k] = 0u;
         sc[r] = 0.f;
       }
     }
@@ -153,11 +166,12 @@ __global__ void __launch_bounds__(THREADS) psumbook_kernel(
       __syncthreads();
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
+        const float* table = psum + half * CODES * CENTROIDS;
         float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-        for (int q = 0; q < 32; q += 2) {
-          s0 += psum[q * CENTROIDS + ((word[r][q >> 2] >> ((q & 3) * 8)) & 255u)];
-          s1 += psum[(q + 1) * CENTROIDS + ((word[r][(q + 1) >> 2] >> (((q + 1) & 3) * 8)) & 255u)];
+        for (int q = 0; q < CODES; q += 2) {
+          s0 += table[q * CENTROIDS + ((word[r][q >> 2] >> ((q & 3) * 8)) & 255u)];
+          s1 += table[(q + 1) * CENTROIDS + ((word[r][(q + 1) >> 2] >> (((q + 1) & 3) * 8)) & 255u)];
         }
         acc[r][t] = fmaf(s0 + s1, scale[r], acc[r][t]);
       }
@@ -166,7 +180,7 @@ __global__ void __launch_bounds__(THREADS) psumbook_kernel(
     for (int r = 0; r < RPT; ++r) {
       scale[r] = next_scale[r];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) word[r][k] = next_word[r][k];
+      for (int k = 0; k < WORDS; ++k) word[r][k] = next_word[r][k];
     }
 #pragma unroll
     for (int u = 0; u < XPT; ++u) xr[u] = next_xr[u];
@@ -174,16 +188,18 @@ __global__ void __launch_bounds__(THREADS) psumbook_kernel(
 
 #pragma unroll
   for (int r = 0; r < RPT; ++r) {
-    const int n = row0 + r * THREADS + tid;
-    if (n >= n_rows) continue;
+    const int n = row0 + r * PAIRS + pair;
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) {
       if (t >= tokens) break;
+      float total = acc[r][t];
+      if constexpr (LANES == 2) total += __shfl_xor_sync(0xffffffffu, total, 1);  // the row's two halves
+      if (half != 0 || n >= n_rows) continue;
       if (partial != nullptr) {
-        partial[(static_cast<size_t>(blockIdx.y) * tokens + t) * n_rows + n] = acc[r][t];
+        partial[(static_cast<size_t>(blockIdx.y) * tokens + t) * n_rows + n] = total;
       } else {
         const float b = bias != nullptr ? to_float(bias[n]) : 0.f;
-        out[static_cast<size_t>(t) * n_rows + n] = from_float<XT>(acc[r][t] + b);
+        out[static_cast<size_t>(t) * n_rows + n] = from_float<XT>(total + b);
       }
     }
   }
@@ -200,19 +216,19 @@ __global__ void split_reduce_kernel(const float* __restrict__ partial, const XT*
   out[i] = from_float<XT>(s);
 }
 
-template <int M, int V, int RPT, int MAXT, typename XT>
+template <int M, int V, int RPT, int MAXT, int LANES, typename XT>
 int launch_psumbook(const void* x, int tokens, int stride_x, const void* codes, const void* codebooks,
                     const void* scales, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
                     int groups, int vectors_per_group, int splits, cudaStream_t stream) {
   constexpr int JT = 32 / M;
   const int smem = (32 * CENTROIDS + MAXT * JT * V) * 4;
-  auto kernel = psumbook_kernel<M, V, RPT, MAXT, XT>;
+  auto kernel = psumbook_kernel<M, V, RPT, MAXT, LANES, XT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
   const int num_chunks = num_vectors / JT;
   const int per_split = (num_chunks + splits - 1) / splits;
   const int used_splits = (num_chunks + per_split - 1) / per_split;
-  dim3 grid((n_rows + THREADS * RPT - 1) / (THREADS * RPT), used_splits);
+  dim3 grid((n_rows + THREADS / LANES * RPT - 1) / (THREADS / LANES * RPT), used_splits);
   kernel<<<grid, THREADS, smem, stream>>>(
       static_cast<const XT*>(x), tokens, stride_x, static_cast<const uint8_t*>(codes),
       static_cast<const __half*>(codebooks), static_cast<const __half*>(scales), static_cast<const XT*>(bias),
@@ -229,36 +245,34 @@ int launch_psumbook(const void* x, int tokens, int stride_x, const void* codes, 
   return static_cast<int>(err);
 }
 
-template <int M, int V, int RPT, typename XT>
-int dispatch_tokens(int tokens, const void* x, int stride_x, const void* codes, const void* codebooks,
-                    const void* scales, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
-                    int groups, int vpg, int splits, cudaStream_t stream) {
-#define CODEGEMM_T(MT) \
-  return launch_psumbook<M, V, RPT, MT, XT>(x, tokens, stride_x, codes, codebooks, scales, bias, out, partial, \
-                                            n_rows, num_vectors, groups, vpg, splits, stream)
-  if (tokens <= 1) { CODEGEMM_T(1); }
-  if constexpr (RPT <= 2) {  // more accumulators would spill
-    if (tokens <= 4) { CODEGEMM_T(4); }
-    if (tokens <= 8) { CODEGEMM_T(8); }
-    CODEGEMM_T(16);
-  }
-  return -1;
-#undef CODEGEMM_T
+// Instantiated plans: one token: two lanes per row, RPT 4 or 8 rows per lane pair; 2-16 tokens: one
+// lane per row, RPT 2 rows per thread (more accumulators would spill).
+template <int M, int V, typename XT>
+int dispatch_plan(int rpt, int tokens, const void* x, int stride_x, const void* codes, const void* codebooks,
+                  const void* scales, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
+                  int groups, int vpg, int splits, cudaStream_t stream) {
+#define CODEGEMM_P(RR, MT, LL)                                                                                   \
+  return launch_psumbook<M, V, RR, MT, LL, XT>(x, tokens, stride_x, codes, codebooks, scales, bias, out, partial, \
+                                               n_rows, num_vectors, groups, vpg, splits, stream)
+  if (tokens == 1 && rpt == 8) { CODEGEMM_P(8, 1, 2); }
+  if (tokens == 1) { CODEGEMM_P(4, 1, 2); }
+  if (tokens <= 4) { CODEGEMM_P(2, 4, 1); }
+  if (tokens <= 8) { CODEGEMM_P(2, 8, 1); }
+  CODEGEMM_P(2, 16, 1);
+#undef CODEGEMM_P
 }
 
 template <typename XT>
 int dispatch_config(int m, int v, int rpt, int tokens, const void* x, int stride_x, const void* codes,
                     const void* codebooks, const void* scales, const void* bias, void* out, float* partial,
                     int n_rows, int num_vectors, int groups, int vpg, int splits, cudaStream_t stream) {
-#define CODEGEMM_C(MM, VV, RR)                                                                                    \
-  if (m == MM && v == VV && rpt == RR)                                                                            \
-  return dispatch_tokens<MM, VV, RR, XT>(tokens, x, stride_x, codes, codebooks, scales, bias, out, partial, n_rows, \
-                                         num_vectors, groups, vpg, splits, stream)
-  CODEGEMM_C(2, 8, 2);
-  CODEGEMM_C(2, 8, 4);
-  CODEGEMM_C(1, 4, 2);
-  CODEGEMM_C(1, 4, 4);
-#undef CODEGEMM_C
+  if (tokens < 1 || tokens > 16) return -1;
+  if (m == 2 && v == 8)
+    return dispatch_plan<2, 8, XT>(rpt, tokens, x, stride_x, codes, codebooks, scales, bias, out, partial, n_rows,
+                                   num_vectors, groups, vpg, splits, stream);
+  if (m == 1 && v == 4)
+    return dispatch_plan<1, 4, XT>(rpt, tokens, x, stride_x, codes, codebooks, scales, bias, out, partial, n_rows,
+                                   num_vectors, groups, vpg, splits, stream);
   return -1;
 }
 
@@ -266,7 +280,8 @@ int dispatch_config(int m, int v, int rpt, int tokens, const void* x, int stride
 
 extern "C" {
 
-// Configs compiled in: (m, v) in {(2, 8), (1, 4)}, rows per thread 2 (any tokens) or 4 (one token).
+// Configs compiled in: (m, v) in {(2, 8), (1, 4)}, 1-16 tokens; rpt picks 4 or 8 rows per lane pair for
+// one token (ignored otherwise).
 // Returns a cudaError_t, or -1 for a config that is not compiled in. dtype: 0 fp16, 1 bf16 (activations, bias, output).
 int codegemm_psumbook(int dtype, int m, int v, int rpt, int tokens, const void* x, int stride_x, const void* codes,
                       const void* codebooks, const void* scales, const void* bias, void* out, float* partial,
