@@ -20,10 +20,11 @@ VOCAB = 384
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    fields = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=None, bos_token_id=None, pad_token_id=0,
-    )
+    fields = {
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "eos_token_id": None, "bos_token_id": None, "pad_token_id": 0,
+    }
     fields.update(overrides)
     return LlamaConfig(**fields)
 

@@ -19,15 +19,24 @@ import functools
 import gc
 import json
 import logging
+import math
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from codegemm.bench.archs import architecture_config
 from codegemm.bench.decode_profile import format_profile, profile_decode
-from codegemm.bench.models import AQLM_FORMATS, CODEGEMM, FP16, aqlm_available, build_model, estimated_bytes, parse_backends
+from codegemm.bench.models import (
+    AQLM_FORMATS,
+    CODEGEMM,
+    FP16,
+    aqlm_available,
+    build_model,
+    estimated_bytes,
+    parse_backends,
+)
 from codegemm.config import as_config
 from codegemm.errors import ConfigError, UnsupportedError
 from codegemm.generation import DEFAULT_MAX_BATCH_SIZE, FastGenerator
@@ -178,8 +187,8 @@ def _measure(gen: FastGenerator, model, plan: Plan, batch: int, warmup: int, hf_
 
 def _time_hf_generate(model, prompt: torch.Tensor, plan: Plan) -> float:
     """transformers' ``generate`` (static cache, its own compile on CUDA): new tokens/s over the second call."""
-    kwargs = dict(max_new_tokens=plan.tokens, min_new_tokens=plan.tokens, do_sample=False,
-                  cache_implementation="static", pad_token_id=0)
+    kwargs = {"max_new_tokens": plan.tokens, "min_new_tokens": plan.tokens, "do_sample": False,
+              "cache_implementation": "static", "pad_token_id": 0}
     with torch.no_grad():
         model.generate(prompt, **kwargs)
         _sync(plan.device)
@@ -250,7 +259,7 @@ def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_gener
 
 
 def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b == b and b > 0 and a == a else "-"
+    return f"{a / b:.2f}x" if not (math.isnan(a) or math.isnan(b)) and b > 0 else "-"
 
 
 def format_table(rows: list[Row], gpu: str) -> str:
@@ -269,7 +278,7 @@ def format_table(rows: list[Row], gpu: str) -> str:
             f"{r.ttft_ms:>8.1f} {r.peak_gib:>8.2f} {r.compile_s:>9.1f} {_ratio(r.decode_tok_s, fp16):>8} "
             f"{_ratio(r.decode_tok_s, aqlm):>11}"
         )
-    hf = [r for r in rows if r.hf_generate_tok_s == r.hf_generate_tok_s]
+    hf = [r for r in rows if not math.isnan(r.hf_generate_tok_s)]
     for r in hf:
         lines.append(f"{r.backend} batch {r.batch}: lean loop {r.e2e_tok_s:.1f} tok/s end to end vs "
                      f"transformers generate {r.hf_generate_tok_s:.1f} tok/s")
@@ -278,7 +287,7 @@ def format_table(rows: list[Row], gpu: str) -> str:
 
 def _json_row(row: Row) -> dict:
     """Row fields with NaN (not measured) written as null, so the file is strict JSON."""
-    return {k: (None if isinstance(v, float) and v != v else v) for k, v in dataclasses.asdict(row).items()}
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in dataclasses.asdict(row).items()}
 
 
 def device_description(device: torch.device) -> str:

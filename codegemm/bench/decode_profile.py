@@ -16,12 +16,12 @@ from codegemm.generation import FastGenerator
 
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("fused_elementwise_norm_rope", re.compile(r"^triton_(poi|red|per)_")),  # inductor's fused kernels
-    ("matmul_quantized", re.compile(r"psumbook|dequant|codebook|code\dx\d+|codekx|aqlm|split_reduce", re.I)),
-    ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|efficient|softmax", re.I)),
-    ("matmul_dense", re.compile(r"gemm|gemv|cutlass|sm\d\d_|nvjet|cublas|xmma|splitk|matmul", re.I)),
-    ("argmax_sampling", re.compile(r"argmax|arg_max|topk|sort|multinomial|reduce_kernel.*max", re.I)),
-    ("kv_cache_write", re.compile(r"index_copy|indexcopy|scatter|index_put", re.I)),
-    ("fused_elementwise_norm_rope", re.compile(r"triton_|elementwise|vectorized|reduce|fill|copy|cat", re.I)),
+    ("matmul_quantized", re.compile(r"psumbook|dequant|codebook|code\dx\d+|codekx|aqlm|split_reduce", re.IGNORECASE)),
+    ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|efficient|softmax", re.IGNORECASE)),
+    ("matmul_dense", re.compile(r"gemm|gemv|cutlass|sm\d\d_|nvjet|cublas|xmma|splitk|matmul", re.IGNORECASE)),
+    ("argmax_sampling", re.compile(r"argmax|arg_max|topk|sort|multinomial|reduce_kernel.*max", re.IGNORECASE)),
+    ("kv_cache_write", re.compile(r"index_copy|indexcopy|scatter|index_put", re.IGNORECASE)),
+    ("fused_elementwise_norm_rope", re.compile(r"triton_|elementwise|vectorized|reduce|fill|copy|cat", re.IGNORECASE)),
 )
 
 
@@ -81,10 +81,11 @@ def profile_decode(gen: FastGenerator, prompt: torch.Tensor, steps: int = 32) ->
 
 
 def format_profile(backend: str, batch: int, report: dict) -> str:
-    lines = [
+    head = (
         f"profile {backend} batch {batch}: {report['step_us']:.0f} us/step, kernels {report['kernel_us']:.0f} us, "
         f"idle gaps {report['gap_us']:.0f} us, {report['kernels_per_step']:.0f} kernels/step"
-    ]
+    )
+    lines = [head]
     for label, us in report["by_category_us"].items():
         lines.append(f"  {label:<28} {us:>8.1f} us  {us / report['step_us']:>6.1%}")
     for item in report["top_kernels_us"][:6]:

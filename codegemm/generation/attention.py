@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -124,7 +124,7 @@ if triton is not None:
         tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -202,7 +202,7 @@ def _attention_forward(
     return decode_attention(query[:, :, 0, :], key, value, lengths, float(scale), int(window)), None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _register() -> bool:
     try:
         from transformers import AttentionInterface

@@ -16,7 +16,8 @@ import itertools
 import logging
 import time
 import types
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
