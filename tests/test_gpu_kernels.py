@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_error
 from torch import nn
 
 from codegemm import CodebookConfig, CodeGEMMError, CodeGEMMLinear, DTypeError, ShapeError, reference
 from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel
 from codegemm.shapes import DECODER_BLOCKS
-from helpers import rel_error
 
 pytestmark = pytest.mark.gpu
 

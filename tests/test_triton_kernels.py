@@ -8,12 +8,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from codegemm import CodebookConfig, CodeGEMMLinear, DTypeError, ShapeError, reference  # noqa: E402
-from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel  # noqa: E402
-from codegemm.ops import custom_ops  # noqa: E402
-from codegemm.ops.triton_dequant import dequant_matmul_triton, interpreting  # noqa: E402
-from codegemm.ops.triton_psumbook import plan_psumbook, psumbook_matmul_triton  # noqa: E402
-from helpers import random_quantized, rel_error  # noqa: E402
+from helpers import random_quantized, rel_error
+
+from codegemm import CodebookConfig, CodeGEMMLinear, DTypeError, ShapeError, reference
+from codegemm.ops import custom_ops
+from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel
+from codegemm.ops.triton_dequant import dequant_matmul_triton, interpreting
+from codegemm.ops.triton_psumbook import plan_psumbook, psumbook_matmul_triton
 
 if not torch.cuda.is_available() and not interpreting():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -84,7 +85,7 @@ def test_psumbook_dtypes_and_bias(dtype, bias):
 @pytest.mark.parametrize("block_n", [16, 64])
 def test_psumbook_split_k_and_tiles(split_k, block_n):
     """Every split count and row tile gives the same function; splits are summed in fixed order."""
-    config, x, codes, codebooks, scales, b = _layer_tensors("m2v8g32", 45, 224, torch.float16, True, 3)
+    _config, x, codes, codebooks, scales, b = _layer_tensors("m2v8g32", 45, 224, torch.float16, True, 3)
     plan = plan_psumbook(3, 45, 224 // 8, 2, 256, 4, x.device, block_n=block_n, split_k=split_k)
     out = psumbook_matmul_triton(x, codes, codebooks, scales, b, plan)
     _check(out, x, codes, codebooks, scales, b)
@@ -107,7 +108,7 @@ def test_dequant_gemm_small_batches(tokens):
 
 def test_identity_input_gives_dequantized_weight():
     """x = I isolates layout bugs: the output is W.T exactly up to fp32 accumulation."""
-    config, _, codes, codebooks, scales, _ = _layer_tensors("m2v8g32", 24, 64, torch.float32, False, 1)
+    _config, _, codes, codebooks, scales, _ = _layer_tensors("m2v8g32", 24, 64, torch.float32, False, 1)
     weight = reference.dequantize(codes, codebooks, scales, torch.float64)
     for k0 in (0, 16, 48):
         eye = torch.eye(64, dtype=torch.float32, device=DEVICE)[k0 : k0 + 16]
@@ -128,7 +129,7 @@ def test_dispatch_routes_by_token_count():
 
 @pytest.mark.parametrize("tokens", [1, 3, 53])
 def test_layer_with_triton_backend(tokens):
-    config, x, codes, codebooks, scales, b = _layer_tensors("m2v8g64", 36, 128, torch.float16, True, tokens)
+    _config, x, codes, codebooks, scales, b = _layer_tensors("m2v8g64", 36, 128, torch.float16, True, tokens)
     layer = CodeGEMMLinear.from_unpacked(codes, codebooks, scales, b)
     layer.backend = Backend.TRITON
     x3 = x.reshape(1, tokens, 128)
@@ -138,7 +139,7 @@ def test_layer_with_triton_backend(tokens):
 
 
 def test_noncontiguous_activations_give_correct_result():
-    config, x, codes, codebooks, scales, b = _layer_tensors("m2v8g64", 36, 128, torch.float16, False, 4)
+    config, _x, codes, codebooks, scales, _b = _layer_tensors("m2v8g64", 36, 128, torch.float16, False, 4)
     wide = torch.randn(4, 256, dtype=torch.float16, device=DEVICE)
     x_nc = wide[:, ::2]
     assert not x_nc.is_contiguous()
@@ -147,7 +148,7 @@ def test_noncontiguous_activations_give_correct_result():
 
 
 def test_bad_input_raises_typed_errors():
-    config, x, codes, codebooks, scales, b = _layer_tensors("m2v8g64", 36, 128, torch.float16, False, 2)
+    _config, x, codes, codebooks, scales, _b = _layer_tensors("m2v8g64", 36, 128, torch.float16, False, 2)
     with pytest.raises(ShapeError, match="in_features=128"):
         custom_ops.psumbook_mm(x[:, :64], codes, codebooks, scales, None)
     with pytest.raises(DTypeError, match="codes"):
@@ -167,7 +168,7 @@ def test_opcheck(op):
 
 
 def test_fullgraph_compile_traces_the_custom_op():
-    config, x, codes, codebooks, scales, b = _layer_tensors("m2v8g32", 20, 64, torch.float16, True, 3)
+    _config, x, codes, codebooks, scales, b = _layer_tensors("m2v8g32", 20, 64, torch.float16, True, 3)
     fn = torch.compile(lambda t: custom_ops.psumbook_mm(t, codes, codebooks, scales, b) * 2, fullgraph=True,
                        backend="eager")
     torch.testing.assert_close(fn(x), 2 * custom_ops.psumbook_mm(x, codes, codebooks, scales, b))

@@ -16,7 +16,7 @@ import datetime
 import functools
 import json
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,7 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _bench_shape(model, layer, k, n, tokens_list, configs, dtype, aqlm, args, bandwidth) -> list[Row]:
     device = torch.device("cuda")
     rows: list[Row] = []
-    act_bytes = lambda t: (t * k + t * n) * dtype.itemsize  # noqa: E731
+    act_bytes = lambda t: (t * k + t * n) * dtype.itemsize
     # fp16 cuBLAS
     dense_bytes = n * k * 2
     copies = rotation_count(dense_bytes, device)
@@ -192,8 +192,8 @@ def _block_sums(rows: list[Row]) -> list[dict]:
 
 def format_table(rows: list[Row], sums: list[dict], bandwidth: float, gpu: str) -> str:
     lines = [f"GPU: {gpu}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read+write); L2 {l2_bytes() >> 20} MiB",
-             f"{'model':<11}{'layer':<8}{'KxN':>12}{'tok':>4} {'kernel':<18}{'us':>9}{'x fp16':>8}{'GB/s':>7}"
-             f"{'%bw':>6}{'rel err':>10}  impl"]
+             (f"{'model':<11}{'layer':<8}{'KxN':>12}{'tok':>4} {'kernel':<18}{'us':>9}{'x fp16':>8}{'GB/s':>7}"
+              f"{'%bw':>6}{'rel err':>10}  impl")]
     for r in rows:
         lines.append(f"{r.model:<11}{r.layer:<8}{f'{r.k}x{r.n}':>12}{r.tokens:>4} {r.kernel:<18}{r.us:>9.1f}"
                      f"{r.speedup:>8.2f}{r.gbps:>7.0f}{r.pct_copy_bw:>6.0f}{r.rel_err:>10.1e}  {r.impl}")
@@ -240,7 +240,7 @@ def tune_psumbook(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
                                     logger.warning("plan %s failed: %s", plan, err)
                                     continue
                                 timed.append((plan, us))
-                    from codegemm.ops.cuda import psumbook_matmul_cuda, cuda_psumbook_eligible
+                    from codegemm.ops.cuda import cuda_psumbook_eligible, psumbook_matmul_cuda
 
                     if args.tune != "triton" and cuda_psumbook_eligible(x, *layers[0], None):
                         for rpt in (4, 8) if tokens == 1 else (2,):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -117,7 +117,6 @@ def copy_bandwidth(device: torch.device | str | None = None, nbytes: int = 1 << 
     src = torch.empty(nbytes // 2, dtype=torch.int16, device=device).random_()
     dst = torch.empty_like(src)
     timing = time_calls([lambda: dst.copy_(src)], replays=replays, warmup=3, graph=False)
-    del src, dst
     return 2 * nbytes / (timing.median_us * 1e-6)
 
 

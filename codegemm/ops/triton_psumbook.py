@@ -220,7 +220,7 @@ def psumbook_matmul_triton(
     ``codes`` uint8 ``[N, K//v, m]``, ``codebooks [m, 2**b, v]``, ``scales [N, K//g]``,
     all contiguous on ``x``'s device; ``x`` has unit stride along K.
     """
-    tokens, k = x.shape
+    tokens, _k = x.shape
     n, num_vectors, m = codes.shape
     size, v = codebooks.shape[1], codebooks.shape[2]
     groups = scales.shape[1]

@@ -65,7 +65,7 @@ def build(arch: str) -> pathlib.Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_library(arch: str) -> ctypes.CDLL | None:
     """The built library for ``arch``, or None (logged once) when it cannot be built or loaded."""
     if os.environ.get("CODEGEMM_DISABLE_CUDA", "0") not in ("", "0"):
@@ -94,7 +94,7 @@ def cuda_psumbook_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torc
     """Whether this (already validated) call fits the compiled kernel's assumptions."""
     if x.device.type != "cuda" or x.dtype not in _DTYPE_CODES or not 1 <= x.shape[0] <= MAX_TOKENS:
         return False
-    n, num_vectors, m = codes.shape
+    _n, num_vectors, m = codes.shape
     v = codebooks.shape[2]
     if (m, v) not in CUDA_CONFIGS or codebooks.shape[1] != 256 or codes.dtype != torch.uint8:
         return False
