@@ -145,11 +145,12 @@ def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.
     groups = scales.shape[1]
     lib = load_library(device_arch(x.device))
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    err = lib.codegemm_psumbook(
-        _DTYPE_CODES[x.dtype], m, v, rpt, tokens, x.data_ptr(), x.stride(0), codes.data_ptr(), codebooks.data_ptr(),
-        scales.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-        None if partial is None else partial.data_ptr(), n, num_vectors, groups,
-        num_vectors if groups == 1 else num_vectors // groups, splits, stream)
+    with torch.cuda.device(x.device):  # the runtime launches on the current device, not the tensors'
+        err = lib.codegemm_psumbook(
+            _DTYPE_CODES[x.dtype], m, v, rpt, tokens, x.data_ptr(), x.stride(0), codes.data_ptr(), codebooks.data_ptr(),
+            scales.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+            None if partial is None else partial.data_ptr(), n, num_vectors, groups,
+            num_vectors if groups == 1 else num_vectors // groups, splits, stream)
     if err != 0:
         reason = "config not compiled in" if err < 0 else lib.codegemm_error_string(err).decode()
         raise RuntimeError(f"CUDA Psumbook kernel launch failed ({err}): {reason}")

@@ -1,0 +1,52 @@
+"""The CUDA Psumbook library's build-at-first-use logic and plan, checked without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codegemm.ops import cuda
+
+
+def test_library_path_names_source_hash_and_arch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEGEMM_CUDA_CACHE", str(tmp_path))
+    path = cuda.library_path("sm_90")
+    assert path.parent == tmp_path
+    assert path.name.startswith("psumbook_") and path.name.endswith("_sm_90.so")
+    assert cuda.library_path("sm_80") != path
+
+
+def test_build_without_nvcc_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEGEMM_CUDA_CACHE", str(tmp_path))
+    monkeypatch.setattr(cuda, "_nvcc", lambda: None)
+    with pytest.raises(RuntimeError, match="nvcc not found"):
+        cuda.build("sm_90")
+
+
+def test_load_library_falls_back_quietly(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEGEMM_CUDA_CACHE", str(tmp_path))
+    monkeypatch.setattr(cuda, "_nvcc", lambda: None)
+    cuda.load_library.cache_clear()
+    try:
+        assert cuda.load_library("sm_75") is None
+        monkeypatch.setenv("CODEGEMM_DISABLE_CUDA", "1")
+        cuda.load_library.cache_clear()
+        assert cuda.load_library("sm_90") is None
+    finally:
+        cuda.load_library.cache_clear()
+
+
+def test_cpu_tensors_are_never_eligible():
+    codes = torch.randint(0, 256, (64, 32, 2), dtype=torch.uint8)
+    books = torch.randn(2, 256, 8).half()
+    scales = torch.rand(64, 2).half()
+    x = torch.randn(1, 256).half()
+    assert not cuda.cuda_psumbook_eligible(x, codes, books, scales, None)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_plan_fills_the_gpu_within_the_chunks(tokens):
+    for n, k in [(4096, 4096), (57344, 8192), (512, 128)]:
+        rpt, splits = cuda.plan_cuda(tokens, n, k // 8, 2, torch.device("cpu"))
+        assert rpt in (2, 4, 8)
+        assert 1 <= splits <= k // 8 // 16
