@@ -18,6 +18,7 @@ from codegemm.errors import ConfigError
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
+        usage="codegemm generate [options] [MODEL] PROMPT",
         help="stream generated text from a (quantized) model",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
