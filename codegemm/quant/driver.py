@@ -244,14 +244,21 @@ def quantize(
             layer_bar.close()
         del accs
 
-        if options.finetune_epochs and options.method == "aq":
+        tune = bool(options.finetune_epochs and options.method == "aq" and layers)
+        if tune:
             gen = layer_generator(options.seed, f"{base}.finetune")
-            before, after = finetune_block(block, hidden, targets, calls, index, options.finetune_epochs,
-                                           options.finetune_lr, options.finetune_batch, gen)
-            report.finetune.append((index, before, after))
+            first_epoch = finetune_block(block, hidden, targets, calls, index, options.finetune_epochs,
+                                         options.finetune_lr, options.finetune_batch, gen)
+        scale = float(targets.float().pow(2).mean().clamp_min(1e-30))
+        block_err = 0.0
         with torch.no_grad():
             for row in range(hidden.shape[0]):
                 hidden[row : row + 1] = run_block(block, hidden[row : row + 1], calls, index)
+                block_err += float((hidden[row : row + 1].float() - targets[row : row + 1].float()).pow(2).mean())
+        block_err /= hidden.shape[0] * scale
+        if tune:
+            report.finetune.append((index, first_epoch, block_err))
+        logger.info("block %d: relative output MSE %.5f", index, block_err)
         del targets
         if state is not None:
             extra = {"layers": [dataclasses.asdict(r) for r in report.layers], "finetune": report.finetune}

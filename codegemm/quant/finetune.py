@@ -44,33 +44,22 @@ def finetune_block(
     lr: float,
     batch: int,
     generator: torch.Generator,
-) -> tuple[float, float]:
-    """Adam on the block's relative output MSE; returns (loss before, loss after) on all samples.
+) -> float:
+    """Adam on the block's relative output MSE; returns the mean loss of the first epoch.
 
-    ``inputs``/``targets``: ``[n, T, D]``. The parameters end as they were
-    after the last step only if that beat the starting loss; otherwise the
-    starting values are restored (fine-tuning never makes a block worse on
-    its calibration set).
+    ``inputs``/``targets``: ``[n, T, D]``. The caller measures the loss after
+    training in the pass that feeds the next block, so no extra pass is spent
+    here.
     """
     params = trainable_parameters(block)
-    start = [p.detach().clone() for p in params]
     scale = float(targets.float().pow(2).mean().clamp_min(1e-30))
-
-    def full_loss() -> float:
-        with torch.no_grad():
-            total = 0.0
-            for row in range(inputs.shape[0]):
-                out = run_block(block, inputs[row : row + 1], calls, index)
-                total += float((out.float() - targets[row : row + 1].float()).pow(2).mean())
-            return total / inputs.shape[0] / scale
-
-    before = full_loss()
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
+    first_epoch: list[float] = []
     try:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(inputs.shape[0], generator=generator).tolist()
             for first in range(0, len(order), batch):
                 rows = order[first : first + batch]
@@ -79,16 +68,12 @@ def finetune_block(
                 for row in rows:
                     out = run_block(block, inputs[row : row + 1], calls, index)
                     loss = loss + (out.float() - targets[row : row + 1].float()).pow(2).mean() / scale
-                (loss / len(rows)).backward()
+                loss = loss / len(rows)
+                loss.backward()
                 opt.step()
+                if epoch == 0:
+                    first_epoch.append(float(loss))
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    after = full_loss()
-    if not after < before:
-        with torch.no_grad():
-            for p, value in zip(params, start):
-                p.copy_(value)
-        after = before
-    logger.debug("block %d fine-tune: relative MSE %.5f -> %.5f", index, before, after)
-    return before, after
+    return sum(first_epoch) / max(1, len(first_epoch))
