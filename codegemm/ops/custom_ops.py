@@ -16,6 +16,7 @@ import torch
 from codegemm.errors import DTypeError, ShapeError
 from codegemm.ops.cuda import cuda_psumbook_eligible, psumbook_matmul_cuda
 from codegemm.ops.triton_dequant import dequant_matmul_triton
+from codegemm.ops.triton_dequant_dense import dequant_dense_matmul
 from codegemm.ops.triton_psumbook import psumbook_matmul_triton
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -104,6 +105,26 @@ def dequant_mm(
 
 @dequant_mm.register_fake
 def _dequant_mm_fake(x, codes, codebooks, scales, bias=None):
+    check_matmul_args(x, codes, codebooks, scales, bias)
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+@torch.library.custom_op("codegemm::dequant_dense_mm", mutates_args=())
+def dequant_dense_mm(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Prefill: dequantize to a temporary dense ``W`` in ``x``'s dtype (Triton), then ``F.linear`` (cuBLAS)."""
+    check_matmul_args(x, codes, codebooks, scales, bias)
+    x, codes, codebooks, scales, bias = _contiguous(x, codes, codebooks, scales, bias)
+    return dequant_dense_matmul(x, codes, codebooks, scales, bias)
+
+
+@dequant_dense_mm.register_fake
+def _dequant_dense_mm_fake(x, codes, codebooks, scales, bias=None):
     check_matmul_args(x, codes, codebooks, scales, bias)
     return x.new_empty(x.shape[0], codes.shape[0])
 

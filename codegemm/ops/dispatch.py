@@ -110,7 +110,7 @@ def select_kernel(
     backend = Backend(backend)
     if backend is Backend.REFERENCE:
         return REFERENCE_KERNEL
-    if device.type == "cuda" or backend is Backend.TRITON:
+    if device.type == "cuda" or backend in (Backend.TRITON, Backend.CUDA):
         _load_gpu_kernels()
     for spec in _KERNELS:
         if backend is not Backend.AUTO and spec.backend is not backend:

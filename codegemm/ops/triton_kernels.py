@@ -2,10 +2,14 @@
 
 On CUDA, 1-16 tokens go through the CUDA C++ Psumbook kernel for the configs
 compiled into it (m2v8, m1v4; it falls back to Triton inside the op when a
-call does not fit), through the Triton Psumbook kernel for the others, and
-everything else through the Triton dequantize-in-registers GEMM. On the CPU the same kernels run
-under ``TRITON_INTERPRET=1`` for tests, but only when ``backend="triton"`` is
-asked for: their priorities sit below the CPU kernels', so ``auto`` never
+call does not fit), through the Triton Psumbook kernel for the others. More
+than 16 tokens (prefill) dequantize the weight into a temporary dense tensor
+(Triton) and multiply with cuBLAS (``triton_dequant_dense``, under
+``backend="cuda"`` because its matmul is cuBLAS); ``backend="triton"`` keeps the
+all-Triton dequantize-in-registers GEMM (``triton_dequant_gemm``), which also
+takes the remaining 1-16-token calls (b > 8, m > 4). On the CPU the same kernels run
+under ``TRITON_INTERPRET=1`` for tests, but only when ``backend="triton"`` (or
+``"cuda"`` for the prefill path) is asked for: their priorities sit below the CPU kernels', so ``auto`` never
 picks the (slow) interpreter.
 """
 
@@ -61,6 +65,14 @@ def _dequant(x, codes, codebooks, scales, bias):
     return custom_ops.dequant_mm(x, codes, codebooks, scales, bias)
 
 
+def _dequant_dense(x, codes, codebooks, scales, bias):
+    return custom_ops.dequant_dense_mm(x, codes, codebooks, scales, bias)
+
+
+def _prefill_ok(tokens: int, dtype: torch.dtype) -> bool:
+    return tokens > PSUMBOOK_MAX_TOKENS and dtype in custom_ops.ACTIVATION_DTYPES
+
+
 register_kernel(
     KernelSpec(
         "cuda_psumbook",
@@ -77,6 +89,15 @@ register_kernel(
         lambda dev, cfg, tokens, dtype: dev.type == "cuda" and _psumbook_ok(cfg, tokens, dtype),
         _psumbook,
         priority=30,
+    )
+)
+register_kernel(
+    KernelSpec(
+        "triton_dequant_dense",
+        Backend.CUDA,
+        lambda dev, cfg, tokens, dtype: dev.type == "cuda" and _prefill_ok(tokens, dtype),
+        _dequant_dense,
+        priority=25,
     )
 )
 register_kernel(
@@ -103,6 +124,15 @@ register_kernel(
         Backend.TRITON,
         lambda dev, cfg, tokens, dtype: dev.type == "cpu" and interpreting() and dtype in custom_ops.ACTIVATION_DTYPES,
         _dequant,
+        priority=1,
+    )
+)
+register_kernel(
+    KernelSpec(
+        "triton_dequant_dense_interpreted",
+        Backend.CUDA,
+        lambda dev, cfg, tokens, dtype: dev.type == "cpu" and interpreting() and _prefill_ok(tokens, dtype),
+        _dequant_dense,
         priority=1,
     )
 )
