@@ -84,7 +84,44 @@ def test_dispatch_picks_gpu_kernels_on_cuda():
     assert select_kernel(DEVICE, config, 1, torch.float16).name == "cuda_psumbook"
     assert select_kernel(DEVICE, config, 16, torch.bfloat16).name == "cuda_psumbook"
     assert select_kernel(DEVICE, CodebookConfig.from_name("m2v4g128"), 16, torch.float16).name == "triton_psumbook"
-    assert select_kernel(DEVICE, config, 17, torch.float16).name == "triton_dequant_gemm"
+    assert select_kernel(DEVICE, config, 17, torch.float16).name == "triton_dequant_dense"
+    assert select_kernel(DEVICE, config, 17, torch.float16, Backend.TRITON).name == "triton_dequant_gemm"
+
+
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (8192, 10240)])
+@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128", "m3b6v8g64", "m2v8"])
+def test_prefill_dense_path_auto(k, n, name):
+    """AUTO for > 16 tokens: Triton dequantization to a dense weight + cuBLAS; float64 reference, reruns equal."""
+    config = CodebookConfig.from_name(name)
+    codes, codebooks, scales = _random_layer(config, n, k)
+    bias = torch.randn(n, device=DEVICE, dtype=torch.float16)
+    for tokens in (17, 64, 128):
+        assert select_kernel(DEVICE, config, tokens, torch.float16).name == "triton_dequant_dense"
+        x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
+        out = codebook_matmul(x, codes, codebooks, scales, bias, config)
+        ref = reference.dense_matmul(x, codes, codebooks, scales, bias, torch.float64)
+        err = rel_error(out, ref)
+        assert err <= 1e-3, f"{name} {k}x{n} tokens={tokens}: relative error {err:.2e}"
+        for _ in range(3):
+            assert torch.equal(out, codebook_matmul(x, codes, codebooks, scales, bias, config))
+
+
+@pytest.mark.parametrize("tokens", [17, 64, 128])
+def test_prefill_dense_path_bf16_and_fused_agree(tokens):
+    """bf16 within 2x a bf16 PyTorch matmul; the fused GEMM (backend='triton') stays reachable and correct."""
+    config = CodebookConfig.from_name("m2v8g128")
+    codes, codebooks, scales = _random_layer(config, 4096, 4096)
+    weight = reference.dequantize(codes, codebooks, scales, torch.float64)
+    from codegemm.ops.triton_dequant_dense import dequantize_triton
+
+    dense = dequantize_triton(codes, codebooks, scales, torch.float16)
+    assert torch.equal(dense, reference.dequantize(codes, codebooks, scales, torch.float32).half())
+    x = torch.randn(tokens, 4096, device=DEVICE, dtype=torch.bfloat16)
+    ref = x.double() @ weight.T
+    torch_err = rel_error(F.linear(x, weight.to(torch.bfloat16)), ref)
+    assert rel_error(codebook_matmul(x, codes, codebooks, scales, None, config), ref) <= 2 * torch_err
+    fused = codebook_matmul(x, codes, codebooks, scales, None, config, Backend.TRITON)
+    assert rel_error(fused, ref) <= 2 * torch_err
 
 
 @pytest.mark.parametrize("backend", [Backend.CUDA, Backend.TRITON])
