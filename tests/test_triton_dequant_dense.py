@@ -20,7 +20,7 @@ if not torch.cuda.is_available() and not interpreting():
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (config, N, K): m 1-4, b 2-8 (and one wide code), v 2/4/8/16, group sizes and per-row scales, odd N and K
+# (config, N, K): m 1-4, b 2-8 (and one wide code), v 2/4/8/16 (and 1, 3), group sizes, per-row scales, odd N, K
 CASES = [
     ("m1v4g128", 37, 384),
     ("m2v8g128", 53, 384),
@@ -34,6 +34,8 @@ CASES = [
     ("m4b2v2g6", 13, 42),
     ("m1b2v2", 11, 34),
     ("m1b12v8g64", 9, 128),
+    ("m2b4v1", 7, 37),
+    ("m1b4v3g9", 5, 45),
 ]
 DTYPES = [torch.float16, torch.bfloat16]
 
