@@ -72,7 +72,7 @@ def finetune_block(
                 loss.backward()
                 opt.step()
                 if epoch == 0:
-                    first_epoch.append(float(loss))
+                    first_epoch.append(float(loss.detach()))
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
