@@ -98,7 +98,7 @@ def model_card(source: str, config: str, method: str, preset: str, bits: float,
         if key in ppl:
             rows.append(f"| {label} | {ppl[key]['perplexity']:.3f} |")
     ppl_text = "\n".join(["| model | perplexity |", "|---|---|", *rows]) if rows else "not measured (--ppl none)"
-    where = ppl.get("data", "-")
+    where = _describe_data(ppl["data"], held_out=True) if "data" in ppl else "-"
     return f"""---
 library_name: codegemm
 base_model: {source}
@@ -130,9 +130,10 @@ or `codegemm generate path/to/this/dir "Once upon a time"`.
 """
 
 
-def _describe_data(data: str | None) -> str:
+def _describe_data(data: str | None, held_out: bool = False) -> str:
     if data is None or str(data).lower() in ("offline", "pydoc"):
-        return "the Python language reference shipped with CPython (`pydoc_data.topics`, offline default)"
+        part = "held-out part of " if held_out else ""
+        return f"the {part}Python language reference shipped with CPython (`pydoc_data.topics`, offline default)"
     return f"`{data}`"
 
 
