@@ -29,3 +29,17 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64; NaN never passes a ``<=`` check."""
     out64, ref64 = out.double(), ref.double()
     return float((out64 - ref64).norm() / ref64.norm())
+
+
+def triton_device() -> str:
+    """Where Triton kernels run in this session; skips the calling test module when nowhere."""
+    import pytest
+
+    pytest.importorskip("triton")
+    from codegemm.ops.triton_dequant import interpreting
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if not interpreting():
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    return "cpu"

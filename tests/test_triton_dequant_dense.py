@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_quantized, rel_error, triton_device
 
-pytest.importorskip("triton")
-
-from helpers import random_quantized, rel_error
+DEVICE = triton_device()  # skips the module before the Triton imports below when Triton can't run
 
 from codegemm import CodebookConfig, DTypeError, ShapeError, reference
 from codegemm.ops import custom_ops
 from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel
-from codegemm.ops.triton_dequant import interpreting
 from codegemm.ops.triton_dequant_dense import dequantize_triton
-
-if not torch.cuda.is_available() and not interpreting():
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (config, N, K): m 1-4, b 2-8 (and one wide code), v 2/4/8/16 (and 1, 3), group sizes, per-row scales, odd N, K
 CASES = [

@@ -5,21 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_quantized, rel_error, triton_device
 
-pytest.importorskip("triton")
-
-from helpers import random_quantized, rel_error
+DEVICE = triton_device()  # skips the module before the Triton imports below when Triton can't run
 
 from codegemm import CodebookConfig, CodeGEMMLinear, DTypeError, ShapeError, reference
 from codegemm.ops import custom_ops
 from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel
-from codegemm.ops.triton_dequant import dequant_matmul_triton, interpreting
+from codegemm.ops.triton_dequant import dequant_matmul_triton
 from codegemm.ops.triton_psumbook import plan_psumbook, psumbook_matmul_triton
-
-if not torch.cuda.is_available() and not interpreting():
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (config, out_features N, in_features K): odd N, K a multiple of g (or v) that is not a power of two
 CASES = [
