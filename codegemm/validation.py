@@ -58,3 +58,51 @@ def check_activations(x: torch.Tensor, in_features: int, name: str = "x") -> Non
         raise DTypeError(f"{name} must be float16, bfloat16, float32 or float64; got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ShapeError(f"{name} must have last dimension in_features={in_features}; got shape {tuple(x.shape)}")
+
+
+KERNEL_CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
+KERNEL_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_quantized_metadata(
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    code_dtypes: tuple[torch.dtype, ...] = KERNEL_CODE_DTYPES,
+) -> tuple[int, int, int]:
+    """Kernel-entry checks of one layer's tensors from metadata alone (safe under fake tensors).
+
+    Returns ``(out_features, in_features, num_codebooks)``. Values (code ranges,
+    finiteness) are checked where layers are built, not on every call.
+    """
+    if codes.dim() != 3:
+        raise ShapeError(
+            f"codes must have shape (out_features, in_features // vec_len, num_codebooks); got {tuple(codes.shape)}"
+        )
+    if codes.dtype not in code_dtypes:
+        raise DTypeError(f"codes must have dtype in {[str(d) for d in code_dtypes]}; got {codes.dtype}")
+    n, num_vectors, m = codes.shape
+    if codebooks.dim() != 3 or codebooks.dtype not in KERNEL_FLOAT_DTYPES or codebooks.shape[0] != m:
+        raise ShapeError(
+            f"codebooks must be a float16/bfloat16/float32 tensor (num_codebooks={m}, 2**nbits, vec_len); "
+            f"got {codebooks.dtype} {tuple(codebooks.shape)}"
+        )
+    size = codebooks.shape[1]
+    if size <= 0 or size & (size - 1):
+        raise ShapeError(f"codebooks.shape[1] must be a power of two (2**nbits); got {size}")
+    if scales.dim() != 2 or scales.dtype not in KERNEL_FLOAT_DTYPES or scales.shape[0] != n or scales.shape[1] == 0:
+        raise ShapeError(
+            f"scales must be a float tensor (out_features={n}, in_features // group_size); "
+            f"got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if num_vectors % scales.shape[1]:
+        raise ShapeError(
+            f"scales.shape[1]={scales.shape[1]} must divide the {num_vectors} vectors of a row "
+            f"(group_size a multiple of vec_len)"
+        )
+    if len({codes.device, codebooks.device, scales.device}) != 1:
+        raise DTypeError(
+            "codes, codebooks and scales must be on one device; "
+            f"got {codes.device}, {codebooks.device}, {scales.device}"
+        )
+    return n, num_vectors * codebooks.shape[2], m

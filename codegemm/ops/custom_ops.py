@@ -18,10 +18,10 @@ from codegemm.ops.cuda import cuda_psumbook_eligible, psumbook_matmul_cuda
 from codegemm.ops.triton_dequant import dequant_matmul_triton
 from codegemm.ops.triton_dequant_dense import dequant_dense_matmul
 from codegemm.ops.triton_psumbook import psumbook_matmul_triton
+from codegemm.validation import KERNEL_CODE_DTYPES, KERNEL_FLOAT_DTYPES, check_quantized_metadata
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = KERNEL_FLOAT_DTYPES
 
 
 def check_matmul_args(
@@ -30,34 +30,16 @@ def check_matmul_args(
     codebooks: torch.Tensor,
     scales: torch.Tensor,
     bias: Optional[torch.Tensor],
-    code_dtypes: tuple[torch.dtype, ...] = _CODE_DTYPES,
+    code_dtypes: tuple[torch.dtype, ...] = KERNEL_CODE_DTYPES,
 ) -> None:
     """Raise ShapeError/DTypeError unless the tensors describe one valid layer call (metadata only)."""
     if x.dim() != 2:
         raise ShapeError(f"x must have shape (tokens, in_features); got rank {x.dim()} {tuple(x.shape)}")
     if x.dtype not in ACTIVATION_DTYPES:
         raise DTypeError(f"x must be float16, bfloat16 or float32 for the Triton kernels; got {x.dtype}")
-    if codes.dim() != 3:
-        raise ShapeError(f"codes must have shape (out_features, in_features // vec_len, num_codebooks); "
-                         f"got {tuple(codes.shape)}")
-    if codes.dtype not in code_dtypes:
-        raise DTypeError(f"codes must have dtype in {[str(d) for d in code_dtypes]}; got {codes.dtype}")
-    if codebooks.dim() != 3 or codebooks.dtype not in _FLOAT_DTYPES:
-        raise ShapeError(f"codebooks must be a float16/bfloat16/float32 tensor (num_codebooks, 2**nbits, vec_len); "
-                         f"got {codebooks.dtype} {tuple(codebooks.shape)}")
-    n, num_vectors, m = codes.shape
-    if codebooks.shape[0] != m:
-        raise ShapeError(f"codebooks must have num_codebooks={m} (codes.shape[2]) entries; "
-                         f"got {tuple(codebooks.shape)}")
-    k = num_vectors * codebooks.shape[2]
+    n, k, _ = check_quantized_metadata(codes, codebooks, scales, code_dtypes)
     if x.shape[1] != k:
         raise ShapeError(f"x must have in_features={k} (codes.shape[1] * vec_len) columns; got {tuple(x.shape)}")
-    if scales.dim() != 2 or scales.dtype not in _FLOAT_DTYPES or scales.shape[0] != n or scales.shape[1] == 0:
-        raise ShapeError(f"scales must be a float tensor (out_features={n}, in_features // group_size); "
-                         f"got {scales.dtype} {tuple(scales.shape)}")
-    if num_vectors % scales.shape[1]:
-        raise ShapeError(f"scales.shape[1]={scales.shape[1]} must divide the {num_vectors} vectors of a row "
-                         f"(group_size a multiple of vec_len)")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or bias.dtype not in _FLOAT_DTYPES):
         raise ShapeError(f"bias must be a float tensor (out_features={n},); got {bias.dtype} {tuple(bias.shape)}")
     devices = {t.device for t in (x, codes, codebooks, scales) + (() if bias is None else (bias,))}

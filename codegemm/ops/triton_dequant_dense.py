@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from codegemm.errors import DTypeError, ShapeError
+from codegemm.errors import DTypeError
+from codegemm.validation import check_quantized_metadata
 
 DENSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
 
 
 @triton.jit
@@ -70,25 +70,7 @@ def _next_pow2(n: int) -> int:
 def _check(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
     if dtype not in DENSE_DTYPES:
         raise DTypeError(f"dtype must be float16, bfloat16 or float32; got {dtype}")
-    if codes.dim() != 3:
-        raise ShapeError(f"codes must have shape (out_features, in_features // vec_len, num_codebooks); "
-                         f"got {tuple(codes.shape)}")
-    if codes.dtype not in _CODE_DTYPES:
-        raise DTypeError(f"codes must have dtype uint8, int16 or int32; got {codes.dtype}")
-    n, num_vectors, m = codes.shape
-    if codebooks.dim() != 3 or codebooks.shape[0] != m or not codebooks.is_floating_point():
-        raise ShapeError(f"codebooks must be a float tensor (num_codebooks={m}, 2**nbits, vec_len); "
-                         f"got {codebooks.dtype} {tuple(codebooks.shape)}")
-    size = codebooks.shape[1]
-    if size & (size - 1):
-        raise ShapeError(f"codebooks.shape[1] must be a power of two (2**nbits); got {size}")
-    if (scales.dim() != 2 or scales.shape[0] != n or scales.shape[1] == 0 or num_vectors % scales.shape[1]
-            or not scales.is_floating_point()):
-        raise ShapeError(f"scales must be a float tensor (out_features={n}, groups dividing {num_vectors} vectors); "
-                         f"got {scales.dtype} {tuple(scales.shape)}")
-    if len({codes.device, codebooks.device, scales.device}) != 1:
-        raise DTypeError(f"codes, codebooks and scales must be on one device; got "
-                         f"{codes.device}, {codebooks.device}, {scales.device}")
+    check_quantized_metadata(codes, codebooks, scales)
 
 
 def dequantize_triton(
