@@ -89,6 +89,20 @@ def fill_random_(
     return layer
 
 
+def random_layer_tensors(
+    config: CodebookConfig | str,
+    out_features: int,
+    in_features: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float16,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, codebooks, scales)`` of one random layer in the stored layout, for kernel benchmarks."""
+    shell = CodeGEMMLinear(in_features, out_features, as_config(config), device="meta")
+    layer = fill_random_(shell, generator, device, dtype)
+    return layer.codes, layer.codebooks.detach(), layer.scales.detach()
+
+
 def quantize_random(
     model: nn.Module,
     config: CodebookConfig | str,

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-from codegemm import CodebookConfig, CodeGEMMLinear, ConfigError, DTypeError
-from codegemm.random_model import build_random_quantized_model, fill_random_, quantize_random
+from codegemm import CodebookConfig, CodeGEMMLinear, ConfigError, DTypeError, reference
+from codegemm.random_model import build_random_quantized_model, fill_random_, quantize_random, random_layer_tensors
 from codegemm.surgery import quantized_modules
 
 
@@ -174,3 +174,15 @@ def test_bad_arguments_are_refused():
         quantize_random(nn.Linear(16, 16), "m1v8", weight_std=-1.0)
     with pytest.raises(ConfigError, match="multiple of group_size"):
         build_random_quantized_model(tiny_llama_config(), "m2v8g256")
+
+
+def test_random_layer_tensors_for_benchmarks():
+    generator = torch.Generator().manual_seed(0)
+    codes, codebooks, scales = random_layer_tensors("m2v8g128", 48, 256, "cpu", torch.float16, generator)
+    assert codes.dtype == torch.uint8 and codes.shape == (48, 32, 2)
+    assert codebooks.dtype == torch.float16 and codebooks.shape == (2, 256, 8)
+    assert scales.dtype == torch.float16 and scales.shape == (48, 2) and bool((scales > 0).all())
+    weight = reference.dequantize(codes, codebooks, scales)
+    assert 0.01 < float(weight.std()) < 0.04
+    again = random_layer_tensors("m2v8g128", 48, 256, "cpu", torch.float16, generator)
+    assert not torch.equal(codes, again[0])

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from codegemm.config import CodebookConfig
 from codegemm.ops.cpu import dense_matmul_cpu, psumbook_matmul_cpu
-from codegemm.nn import CodeGEMMLinear
-from codegemm.random_model import fill_random_
+from codegemm.random_model import random_layer_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = CodebookConfig.from_name(args.config)
     k, n = (int(d) for d in args.shape.lower().split("x"))
-    layer = fill_random_(CodeGEMMLinear(k, n, config, device="meta"), torch.Generator().manual_seed(0), "cpu", torch.float16)
-    codes, codebooks, scales = layer.codes, layer.codebooks.detach(), layer.scales.detach()
+    generator = torch.Generator().manual_seed(0)
+    codes, codebooks, scales = random_layer_tensors(config, n, k, "cpu", torch.float16, generator)
     dense = torch.randn(n, k) * 0.02
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):

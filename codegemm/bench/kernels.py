@@ -25,6 +25,7 @@ from codegemm import reference
 from codegemm.bench.timing import copy_bandwidth, device_name, l2_bytes, rotation_count, time_calls
 from codegemm.config import CodebookConfig
 from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel
+from codegemm.random_model import random_layer_tensors
 from codegemm.shapes import BENCH_TOKENS, DECODER_BLOCKS
 
 logger = logging.getLogger(__name__)
@@ -81,15 +82,8 @@ def _aqlm_ops() -> dict[str, Callable] | None:
 
 def _quantized(config: CodebookConfig, n: int, k: int, device: torch.device, copies: int):
     """``copies`` random layers (codes, codebooks, scales) in the stored layout; fp16 codebooks and scales."""
-    out = []
-    for _ in range(copies):
-        codes = torch.randint(0, config.codebook_size, (n, k // config.vec_len, config.num_codebooks),
-                              dtype=torch.int32, device=device).to(config.code_dtype)
-        codebooks = (torch.randn(config.num_codebooks, config.codebook_size, config.vec_len, device=device)
-                     / config.num_codebooks ** 0.5).half()
-        scales = (0.5 + torch.rand(n, config.num_groups(k), device=device)).mul_(0.02).half()
-        out.append((codes, codebooks, scales))
-    return out
+    generator = torch.Generator(device=device).manual_seed(0)
+    return [random_layer_tensors(config, n, k, device, torch.float16, generator) for _ in range(copies)]
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
