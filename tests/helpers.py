@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LlamaConfig
 
 from codegemm import CodebookConfig
 
@@ -43,3 +44,19 @@ def triton_device() -> str:
     if not interpreting():
         pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
     return "cpu"
+
+
+TINY_LLAMA_FIELDS = dict(
+    vocab_size=320,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A Llama config small enough for CPU tests; ``overrides`` replace fields."""
+    return LlamaConfig(**{**TINY_LLAMA_FIELDS, **overrides})

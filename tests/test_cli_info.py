@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from helpers import tiny_llama_config
+from transformers import AutoModelForCausalLM
 
 from codegemm import CodebookConfig
 from codegemm.cli.main import main
@@ -14,20 +15,12 @@ from codegemm.hf import save_quantized
 from codegemm.random_model import build_random_quantized_model
 from codegemm.surgery import quantized_modules
 
-HF_CONFIG = dict(
-    vocab_size=200,
-    hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-)
+HF_CONFIG = dict(vocab_size=200, max_position_embeddings=32)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = build_random_quantized_model(LlamaConfig(**HF_CONFIG), "m2b6v8g64", dtype=torch.float16, seed=0)
+    model = build_random_quantized_model(tiny_llama_config(**HF_CONFIG), "m2b6v8g64", dtype=torch.float16, seed=0)
     directory = tmp_path_factory.mktemp("info")
     save_quantized(model, directory)
     return directory, model
@@ -67,7 +60,7 @@ def test_json_output_is_exact(checkpoint, capsys):
     assert data["config"] == "m2b6v8g64" and data["nbits"] == 6 and data["group_size"] == 64
     assert data["bits_per_weight"] == pytest.approx(exact_bits_per_weight(model), rel=1e-12)
     assert data["disk_bytes"] == (directory / "model.safetensors").stat().st_size
-    dense = AutoModelForCausalLM.from_config(LlamaConfig(**HF_CONFIG))
+    dense = AutoModelForCausalLM.from_config(tiny_llama_config(**HF_CONFIG))
     assert data["fp16_bytes"] == 2 * sum(p.numel() for p in dense.parameters())
     assert len(data["layers"]) == 14
     assert {"name", "in_features", "out_features", "config", "bits_per_weight"} == set(data["layers"][0])

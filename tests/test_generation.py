@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_llama_config as shared_tiny_llama_config
 from transformers import LlamaConfig
 
 from codegemm.bench.archs import architecture_config, architecture_fields
@@ -20,13 +21,9 @@ VOCAB = 384
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    fields = {
-        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-        "eos_token_id": None, "bos_token_id": None, "pad_token_id": 0,
-    }
-    fields.update(overrides)
-    return LlamaConfig(**fields)
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=512,
+                  eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return shared_tiny_llama_config(**{**fields, **overrides})
 
 
 def _no_eos(model):

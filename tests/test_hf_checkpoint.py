@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import tiny_llama_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -35,17 +36,8 @@ VOCAB = 256
 
 
 def tiny_llama(config: str, dtype: torch.dtype, seed: int = 0, **overrides):
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    fields.update(overrides)
-    return build_random_quantized_model(LlamaConfig(**fields), config, device="cpu", dtype=dtype, seed=seed)
+    fields = dict(vocab_size=VOCAB, intermediate_size=256, **overrides)
+    return build_random_quantized_model(tiny_llama_config(**fields), config, device="cpu", dtype=dtype, seed=seed)
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -6,39 +6,14 @@ import time
 
 import pytest
 import torch
+from helpers import tiny_llama_config
 from torch import nn
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from codegemm import CodebookConfig, CodeGEMMLinear, ConfigError, DTypeError, reference
+from codegemm.bench.archs import architecture_config
 from codegemm.random_model import build_random_quantized_model, fill_random_, quantize_random, random_layer_tensors
 from codegemm.surgery import quantized_modules
-
-
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    fields = dict(
-        vocab_size=320,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.02,
-    )
-    fields.update(overrides)
-    return LlamaConfig(**fields)
-
-
-LLAMA3_70B = dict(
-    vocab_size=128256,
-    hidden_size=8192,
-    intermediate_size=28672,
-    num_hidden_layers=80,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +108,8 @@ def test_tied_embeddings_and_zero_centred_norms_survive():
 
 def test_llama3_70b_on_meta_allocates_nothing_and_is_fast():
     start = time.perf_counter()
-    model = build_random_quantized_model(LlamaConfig(**LLAMA3_70B), "m2v8g128", device="meta", dtype=torch.float16)
+    config = architecture_config("llama3-70b")
+    model = build_random_quantized_model(config, "m2v8g128", device="meta", dtype=torch.float16)
     elapsed = time.perf_counter() - start
     assert elapsed < 30, f"building a 70B model on meta took {elapsed:.1f} s"
     real_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if not t.is_meta)
