@@ -52,7 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="module name or 're:REGEX' to keep dense (repeatable); lm_head always stays dense")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="model dtype while quantizing and in the checkpoint (default float32)")
+                        help="model dtype while quantizing and of the checkpoint's dense parts (default float32)")
+    parser.add_argument("--quant-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                        help="dtype of the stored codebooks and scales (default float16, what the GPU kernels read)")
     parser.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     parser.add_argument("--ppl", default="offline",
                         help="perplexity text before/after: file, 'wikitext2', 'offline' (default) or 'none'")
@@ -61,6 +63,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=None, help="block fine-tuning epochs (preset)")
     parser.add_argument("--beam-size", type=int, default=None, help="beam width of the code search (preset)")
     parser.add_argument("--max-rounds", type=int, default=None, help="search/Adam rounds per layer (preset)")
+    parser.add_argument("--finetune-teacher", type=float, default=None,
+                        help="block fine-tuning target: 0 = original block's outputs, 1 = unquantized model's (preset)")
+    parser.add_argument("--global-epochs", type=int, default=None,
+                        help="end-to-end fine-tuning epochs on KL to the original model (preset)")
+    parser.add_argument("--global-lr", type=float, default=None, help="Adam learning rate of global fine-tuning (preset)")
     parser.set_defaults(func=run)
 
 
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from codegemm.data import calibration_samples, eval_tokens
     from codegemm.loading import check_seqlen, load_model
     from codegemm.quant import PRESET_DATA, make_options, quantize
-    from codegemm.quant.driver import validate
+    from codegemm.quant.driver import cast_quantized, validate
     from codegemm.quant.state import PARTIAL_DIR, atomic_write_json, atomic_write_text, move_into
 
     config = as_config(args.config)
@@ -159,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out} already holds a finished checkpoint; nothing to do")
         return 0
     overrides = dict(method=args.method, seed=args.seed, skip=tuple(args.skip), finetune_epochs=args.finetune_epochs,
-                     beam_size=args.beam_size, max_rounds=args.max_rounds)
+                     beam_size=args.beam_size, max_rounds=args.max_rounds, global_epochs=args.global_epochs,
+                     finetune_teacher=args.finetune_teacher,
+                     global_lr=args.global_lr)
     options = make_options(args.preset, **overrides)
     if args.method == "rtn":
         from codegemm.quant.rtn import check_rtn_config
@@ -207,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
     report = quantize(model, config, samples, tokenizer=loaded.tokenizer, nsamples=nsamples, seqlen=seqlen,
                       options=options, state_dir=out, fingerprint=fingerprint, progress=True)
     print(report.table())
+    # Cast before measuring, so the perplexity printed is the stored checkpoint's.
+    cast_quantized(model, getattr(torch, args.quant_dtype))
     if ppl_tokens is not None:
         logger.info("perplexity of the quantized model")
         ppl["after"] = _ppl(loaded, ppl_tokens, args)

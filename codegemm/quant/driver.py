@@ -4,8 +4,11 @@ For each decoder block in order: run the original block on the hidden states
 produced by the already-quantized earlier blocks (recording ``XᵀX`` of every
 linear's input and the block's outputs as targets), quantize each linear
 against its ``XᵀX``, optionally fine-tune the block to the targets, then run
-the quantized block to produce the next block's inputs. With ``state_dir``
-every finished block is saved, so a killed run resumes bit for bit.
+the quantized block to produce the next block's inputs. Optionally the whole
+model is then fine-tuned end to end against the original's next-token
+distributions (:mod:`codegemm.quant.global_finetune`). With ``state_dir``
+every finished block and global epoch is saved, so a killed run resumes bit
+for bit.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from torch import nn
 
 from codegemm.config import CodebookConfig, as_config
 from codegemm.data import DataSource, calibration_samples
-from codegemm.errors import ConfigError
+from codegemm.errors import CheckpointError, ConfigError
 from codegemm.nn import CodeGEMMLinear
 from codegemm.quant.capture import capture_inputs, find_blocks, run_block
 from codegemm.quant.finetune import finetune_block
+from codegemm.quant.global_finetune import global_finetune, record_teacher, split_model
 from codegemm.quant.layer import HessianAccumulator, check_linear, layer_generator, quantize_tensors
 from codegemm.quant.options import PRESET_DATA, QuantOptions, make_options
 from codegemm.quant.rtn import check_rtn_config
@@ -51,6 +55,8 @@ class QuantReport:
     options: QuantOptions
     layers: list[LayerReport] = dataclasses.field(default_factory=list)
     finetune: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    global_finetune: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    """``(epoch, mean KL of the epoch)`` of global fine-tuning."""
     seconds: float = 0.0
     resumed_blocks: int = 0
 
@@ -71,6 +77,10 @@ class QuantReport:
         if self.layers:
             mean = sum(r.rel_error for r in self.layers) / len(self.layers)
             lines.append(f"{'mean':<{width}}  {'':>11}  {mean:8.5f}  {self.seconds:6.1f}")
+        if self.global_finetune:
+            kls = [kl for _, kl in self.global_finetune]
+            lines.append(f"global fine-tuning: mean KL {kls[0]:.4f} (epoch 0) -> {kls[-1]:.4f} "
+                         f"(epoch {len(kls) - 1})")
         lines.append(f"config {self.config.name}, method {self.options.method}, "
                      f"{self.bits_per_weight:.3f} bits/weight, {self.seconds:.0f} s")
         return "\n".join(lines)
@@ -83,6 +93,7 @@ class QuantReport:
             "seconds": self.seconds,
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "finetune": self.finetune,
+            "global_finetune": self.global_finetune,
         }
 
 
@@ -105,6 +116,8 @@ def validate(model: nn.Module, config: CodebookConfig, options: QuantOptions) ->
     _, _, per_block = block_targets(model, options)
     if not any(per_block):
         raise ConfigError("no nn.Linear left to quantize in the decoder blocks (check the skip list)")
+    if options.global_epochs and options.method == "aq":
+        split_model(model)
     for layers in per_block:
         for name, linear in layers:
             check_linear(linear, config, name)
@@ -187,17 +200,35 @@ def quantize(
             report.layers.append(LayerReport(row["name"], tuple(row["shape"]), row["rel_error"], row["seconds"],
                                              row["history"]))
         report.finetune = [tuple(x) for x in state.extra().get("finetune", [])]
+        report.global_finetune = [tuple(x) for x in state.extra().get("global_finetune", [])]
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
 
+    tuning = options.method == "aq"
+    teacher = None
+    if tuning and options.global_epochs:
+        teacher = state.load_teacher() if state is not None else None
+        if teacher is None:
+            if done:
+                raise CheckpointError(f"resume state in {state_dir} lacks the teacher hidden states")
+            logger.info("recording the unquantized model's final hidden states for global fine-tuning")
+            teacher = record_teacher(model, samples)
+            if state is not None:
+                state.save_teacher(teacher)
     with torch.no_grad():
         hidden, calls = capture_inputs(model, blocks, samples, need_hidden=done == 0)
+    mix = options.finetune_teacher if tuning and options.finetune_epochs else 0.0
+    # The unquantized model's trajectory through the blocks (block fine-tuning's other target).
+    trajectory = hidden.clone() if mix and hidden is not None else None
     if done:
         logger.info("resuming after %d of %d finished blocks", done, len(blocks))
         for i in range(done):
             _restore_block(blocks[i], f"{prefix}.{i}", config, state.load_block(i), per_block[i], dtype)
-        hidden = state.load_hidden(done - 1).to(next(blocks[done].parameters()).device)
+        if done < len(blocks):
+            device = next(blocks[done].parameters()).device
+            hidden = state.load_hidden(done - 1).to(device)
+            trajectory = state.load_hidden(done - 1, "teacher").to(device) if mix else None
 
     block_bar = _bar(progress, total=len(blocks), initial=done, desc="blocks", unit="block")
     for index in range(done, len(blocks)):
@@ -226,6 +257,10 @@ def quantize(
         cache.clear()
         for handle in handles:
             handle.remove()
+        if trajectory is not None:
+            with torch.no_grad():
+                for row in range(trajectory.shape[0]):
+                    trajectory[row : row + 1] = run_block(block, trajectory[row : row + 1], calls, index)
 
         layer_bar = _bar(progress, total=len(layers), desc=f"block {index}", unit="layer", leave=False)
         for name, linear in layers:
@@ -247,8 +282,10 @@ def quantize(
         tune = bool(options.finetune_epochs and options.method == "aq" and layers)
         if tune:
             gen = layer_generator(options.seed, f"{base}.finetune")
-            first_epoch = finetune_block(block, hidden, targets, calls, index, options.finetune_epochs,
+            goal = targets if trajectory is None else torch.lerp(targets, trajectory, mix)
+            first_epoch = finetune_block(block, hidden, goal, calls, index, options.finetune_epochs,
                                          options.finetune_lr, options.finetune_batch, gen)
+            del goal
         scale = float(targets.float().pow(2).mean().clamp_min(1e-30))
         block_err = 0.0
         with torch.no_grad():
@@ -262,16 +299,53 @@ def quantize(
         del targets
         if state is not None:
             extra = {"layers": [dataclasses.asdict(r) for r in report.layers], "finetune": report.finetune}
-            state.save_block(index, _block_state(block), hidden, extra)
+            state.save_block(index, _block_state(block), hidden, extra, trajectory)
         if block_bar is not None:
             errs = [r.rel_error for r in report.layers if r.name.startswith(base + ".")]
             block_bar.set_postfix_str(f"mean err={sum(errs) / max(1, len(errs)):.4f}")
             block_bar.update(1)
     if block_bar is not None:
         block_bar.close()
+    del hidden, trajectory
+    if teacher is not None:
+        _global_stage(model, blocks, samples, teacher, options, state, report, progress)
     model.train(was_training)
     report.seconds = time.perf_counter() - start_time
     return report
+
+
+def cast_quantized(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every :class:`CodeGEMMLinear`'s codebooks and scales in ``dtype`` (biases keep the model's); returns the count.
+
+    Quantizing runs in the model's dtype (fp32 by default) for accuracy; the
+    checkpoint only needs fp16, which the GPU kernels read anyway.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, CodeGEMMLinear):
+            module.codebooks = nn.Parameter(module.codebooks.detach().to(dtype), requires_grad=False)
+            module.scales = nn.Parameter(module.scales.detach().to(dtype), requires_grad=False)
+            count += 1
+    return count
+
+
+def _global_stage(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor, teacher: torch.Tensor,
+                  options: QuantOptions, state: ResumeState | None, report: QuantReport, progress: bool) -> None:
+    """End-to-end fine-tuning after the last block, resumable epoch by epoch."""
+    start = state.global_epochs if state is not None else 0
+    if start:
+        logger.info("resuming global fine-tuning after %d of %d epochs", start, options.global_epochs)
+
+    def on_epoch(epoch: int, loss: float, tensors: dict[str, torch.Tensor]) -> None:
+        report.global_finetune.append((epoch, loss))
+        if state is not None:
+            extra = {"layers": [dataclasses.asdict(r) for r in report.layers], "finetune": report.finetune,
+                     "global_finetune": report.global_finetune}
+            state.save_global(epoch, tensors, extra)
+
+    global_finetune(model, blocks, samples, teacher, options.global_epochs, options.global_lr, options.global_batch,
+                    options.seed, start_epoch=start, resume_tensors=state.load_global() if state else None,
+                    on_epoch=on_epoch, progress=progress)
 
 
 def _bar(enabled: bool, **kwargs: Any):

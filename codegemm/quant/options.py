@@ -18,7 +18,13 @@ class QuantOptions:
     codebooks and scales until the relative error improves by less than
     ``tol`` (at most ``max_rounds`` rounds). Block fine-tuning then trains
     codebooks, scales and norms of each block against the original block's
-    outputs for ``finetune_epochs`` passes over the calibration samples.
+    outputs for ``finetune_epochs`` passes over the calibration samples;
+    ``finetune_teacher`` in [0, 1] moves that target towards the unquantized
+    model's own hidden states (1: only them), so each block also corrects the
+    drift that earlier blocks' errors left in its inputs. Global fine-tuning
+    (``global_epochs``) finally trains every codebook, scale and norm of the
+    model at once on ``KL(original || quantized)`` of the next-token
+    distributions (see :mod:`codegemm.quant.global_finetune`).
     """
 
     method: str = "aq"
@@ -33,24 +39,31 @@ class QuantOptions:
     finetune_epochs: int = 0
     finetune_lr: float = 1e-4
     finetune_batch: int = 1
+    finetune_teacher: float = 0.0
+    global_epochs: int = 0
+    global_lr: float = 1e-4
+    global_batch: int = 1
     skip: tuple[str, ...] = ()
     """Names (exact or regular expressions) of linears to keep dense, besides lm_head and embeddings."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}; got {self.method!r}")
-        for field in ("kmeans_iters", "kmeans_points", "beam_size", "max_rounds", "finetune_batch"):
+        for field in ("kmeans_iters", "kmeans_points", "beam_size", "max_rounds", "finetune_batch", "global_batch"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field} must be an int >= 1; got {value!r}")
-        for field in ("adam_steps", "finetune_epochs", "seed"):
+        for field in ("adam_steps", "finetune_epochs", "global_epochs", "seed"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{field} must be an int >= 0; got {value!r}")
-        for field in ("tol", "adam_lr", "finetune_lr"):
+        for field in ("tol", "adam_lr", "finetune_lr", "global_lr"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigError(f"{field} must be a number >= 0; got {value!r}")
+        mix = self.finetune_teacher
+        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix <= 1.0:
+            raise ConfigError(f"finetune_teacher must be a number in [0, 1]; got {mix!r}")
         if isinstance(self.skip, str):
             object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "skip", tuple(self.skip))

@@ -5,7 +5,10 @@ fsynced, then renamed over the target, so a reader (or a resumed run) sees
 either the old file or the complete new one. The resume state lives in
 ``<out>/.codegemm-partial/``: one safetensors file per finished block, the
 hidden states that feed the next block, and ``state.json`` (written last)
-saying how many blocks are done and with which settings.
+saying how many blocks are done and with which settings. Global fine-tuning
+adds the unquantized model's final hidden states (``teacher.safetensors``,
+written before block 0) and, after each of its epochs, the trained tensors
+with Adam's moments (``global-NNNN.safetensors``).
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ class ResumeState:
         self.dir = Path(out_dir) / PARTIAL_DIR
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         self.completed = 0
+        self.global_epochs = 0
 
     @property
     def state_file(self) -> Path:
@@ -142,6 +146,7 @@ class ResumeState:
                 "rerun with the same arguments or choose a new --out"
             )
         self.completed = int(data["completed"])
+        self.global_epochs = int(data.get("global_epochs", 0))
         return self.completed
 
     def block_file(self, index: int) -> Path:
@@ -150,25 +155,60 @@ class ResumeState:
     def hidden_file(self, index: int) -> Path:
         return self.dir / f"hidden-{index:04d}.safetensors"
 
-    def save_block(self, index: int, block_tensors: dict[str, torch.Tensor], hidden: torch.Tensor,
-                   extra: dict[str, Any]) -> None:
-        """Record block ``index`` as finished; ``hidden`` feeds block ``index + 1``."""
-        atomic_save_tensors(block_tensors, self.block_file(index))
-        atomic_save_tensors({"hidden": hidden}, self.hidden_file(index))
+    def _write_state(self, extra: dict[str, Any]) -> None:
         atomic_write_json(
             self.state_file,
-            {"version": STATE_VERSION, "completed": index + 1, "fingerprint": self.fingerprint, "extra": extra},
+            {"version": STATE_VERSION, "completed": self.completed, "global_epochs": self.global_epochs,
+             "fingerprint": self.fingerprint, "extra": extra},
         )
+
+    def save_block(self, index: int, block_tensors: dict[str, torch.Tensor], hidden: torch.Tensor,
+                   extra: dict[str, Any], teacher_hidden: torch.Tensor | None = None) -> None:
+        """Record block ``index`` as finished; ``hidden`` (and the unquantized model's ``teacher_hidden``) feed block ``index + 1``."""
+        atomic_save_tensors(block_tensors, self.block_file(index))
+        feed = {"hidden": hidden} if teacher_hidden is None else {"hidden": hidden, "teacher": teacher_hidden}
+        atomic_save_tensors(feed, self.hidden_file(index))
+        self.completed = index + 1
+        self._write_state(extra)
         old = self.hidden_file(index - 1)
         if index > 0 and old.exists():
             old.unlink()
-        self.completed = index + 1
 
     def load_block(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.block_file(index)))
 
-    def load_hidden(self, index: int) -> torch.Tensor:
-        return load_file(str(self.hidden_file(index)))["hidden"]
+    def load_hidden(self, index: int, key: str = "hidden") -> torch.Tensor:
+        """The hidden states saved after block ``index``; ``key="teacher"`` for the unquantized model's."""
+        return load_file(str(self.hidden_file(index)))[key]
+
+    @property
+    def teacher_file(self) -> Path:
+        return self.dir / "teacher.safetensors"
+
+    def save_teacher(self, teacher: torch.Tensor) -> None:
+        """The unquantized model's final hidden states, recorded before any block changes."""
+        atomic_save_tensors({"teacher": teacher}, self.teacher_file)
+
+    def load_teacher(self) -> torch.Tensor | None:
+        return load_file(str(self.teacher_file))["teacher"] if self.teacher_file.is_file() else None
+
+    def global_file(self, epoch: int) -> Path:
+        return self.dir / f"global-{epoch:04d}.safetensors"
+
+    def save_global(self, epoch: int, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        """Record global fine-tuning epoch ``epoch`` as finished (parameters and Adam moments in ``tensors``)."""
+        atomic_save_tensors(tensors, self.global_file(epoch))
+        self.global_epochs = epoch + 1
+        self._write_state(extra)
+        old = self.global_file(epoch - 1)
+        if epoch > 0 and old.exists():
+            old.unlink()
+
+    def load_global(self) -> dict[str, torch.Tensor] | None:
+        """The record of the last finished global epoch, or None before the first."""
+        if not self.global_epochs:
+            return None
+        return load_file(str(self.global_file(self.global_epochs - 1)))
 
     def extra(self) -> dict[str, Any]:
         if not self.exists():
