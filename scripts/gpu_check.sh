@@ -34,7 +34,7 @@ from codegemm import CodebookConfig
 from codegemm.ops.dispatch import codebook_matmul
 torch.manual_seed(0)
 for name, n, k in [("m2v8g128", 300, 384), ("m1v4g128", 77, 256), ("m3b6v8g24", 45, 144), ("m4b4v16", 33, 208),
-                   ("m2v8", 129, 1000), ("m1b12v8g64", 40, 128)]:
+                   ("m2v8", 129, 1000), ("m1b12v8g64", 40, 128), ("m1v4g512", 1000, 1536), ("m2v8g256", 4099, 2048)]:
     cfg = CodebookConfig.from_name(name)
     codes = torch.randint(0, cfg.codebook_size, (n, k // cfg.vec_len, cfg.num_codebooks), device="cuda",
                           dtype=torch.int32).to(cfg.code_dtype)

@@ -42,6 +42,17 @@ def test_cpu_tensors_are_never_eligible():
     scales = torch.rand(64, 2).half()
     x = torch.randn(1, 256).half()
     assert not cuda.cuda_psumbook_eligible(x, codes, books, scales, None)
+    assert not cuda.codebook_mma_eligible(x, codes, books, scales, None)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 7, 16])
+def test_mma_plan_keeps_activations_on_chip(tokens):
+    """Every split's activations fit the shared-memory budget, and no split is empty."""
+    for n, k in [(4096, 4096), (57344, 8192), (512, 128), (4096, 14336)]:
+        tiles, splits = cuda.plan_mma(tokens, n, k, torch.device("cpu"))
+        chunks = k // cuda.MMA_CHUNK_INPUTS
+        assert tiles in (1, 2, 4) and 1 <= splits <= chunks
+        assert -(-chunks // splits) * tokens <= cuda.MMA_MAX_X_CHUNKS
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 16])

@@ -82,7 +82,8 @@ def test_output_fully_written():
 def test_dispatch_picks_gpu_kernels_on_cuda():
     config = CodebookConfig.from_name("m2v8g128")
     assert select_kernel(DEVICE, config, 1, torch.float16).name == "cuda_psumbook"
-    assert select_kernel(DEVICE, config, 16, torch.bfloat16).name == "cuda_psumbook"
+    assert select_kernel(DEVICE, config, 2, torch.float16).name == "cuda_codebook_mma"
+    assert select_kernel(DEVICE, config, 16, torch.bfloat16).name == "cuda_codebook_mma"
     assert select_kernel(DEVICE, CodebookConfig.from_name("m2v4g128"), 16, torch.float16).name == "triton_psumbook"
     assert select_kernel(DEVICE, config, 17, torch.float16).name == "triton_dequant_dense"
     assert select_kernel(DEVICE, config, 17, torch.float16, Backend.TRITON).name == "triton_dequant_gemm"
@@ -154,6 +155,43 @@ def test_cuda_kernel_split_and_row_plans_agree():
         for splits in (1, 3, 16):
             out = psumbook_matmul_cuda(x, codes, codebooks, scales, None, rpt, splits)
             assert rel_error(out, ref) <= 1e-3, (rpt, splits)
+
+
+@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128", "m2v8", "m2v8g256", "m1v4g512"])
+@pytest.mark.parametrize("n,k", [(1000, 1024), (4096, 384), (16, 128), (4099, 2176)])
+def test_cuda_kernels_every_token_count_and_plan(name, n, k):
+    """Both CUDA kernels called directly: tokens 1-16, fp16/bf16, bias, odd N, every tile/split plan."""
+    from codegemm.ops.cuda import codebook_mma_cuda, codebook_mma_eligible, psumbook_matmul_cuda
+
+    config = CodebookConfig.from_name(name)
+    if k % (config.group_size or k):
+        pytest.skip("group does not divide K")
+    codes, codebooks, scales = _random_layer(config, n, k)
+    for tokens in range(1, 17):
+        dtype = torch.float16 if tokens % 2 else torch.bfloat16
+        x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
+        bias = torch.randn(n, device=DEVICE, dtype=dtype) if tokens % 3 else None
+        ref = reference.dense_matmul(x, codes, codebooks, scales, bias, torch.float64)
+        weight = reference.dequantize(codes, codebooks, scales, torch.float64).to(dtype)
+        bound = max(1e-3 if dtype == torch.float16 else 0, 2 * rel_error(F.linear(x, weight, bias), ref))
+        assert codebook_mma_eligible(x, codes, codebooks, scales, bias)
+        for tiles, splits in [(None, None), (1, 1), (2, 3), (4, 5)]:
+            out = codebook_mma_cuda(x, codes, codebooks, scales, bias, tiles, splits)
+            assert rel_error(out, ref) <= bound, (tokens, tiles, splits)
+        assert rel_error(psumbook_matmul_cuda(x, codes, codebooks, scales, bias), ref) <= bound, tokens
+
+
+def test_codebook_mma_falls_back_when_groups_are_small():
+    """g = 64 splits a 128-input chunk: the op routes to the Psumbook kernel and stays correct."""
+    from codegemm.ops.cuda import codebook_mma_eligible
+    from codegemm.ops.custom_ops import codebook_mma_mm
+
+    config = CodebookConfig.from_name("m2v8g64")
+    codes, codebooks, scales = _random_layer(config, 512, 1024)
+    x = torch.randn(4, 1024, device=DEVICE, dtype=torch.float16)
+    assert not codebook_mma_eligible(x, codes, codebooks, scales, None)
+    ref = reference.dense_matmul(x, codes, codebooks, scales, None, torch.float64)
+    assert rel_error(codebook_mma_mm(x, codes, codebooks, scales, None), ref) <= 1e-3
 
 
 class _TinyModel(nn.Module):

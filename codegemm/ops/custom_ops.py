@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from codegemm.errors import DTypeError, ShapeError
-from codegemm.ops.cuda import cuda_psumbook_eligible, psumbook_matmul_cuda
+from codegemm.ops.cuda import codebook_mma_cuda, codebook_mma_eligible, cuda_psumbook_eligible, psumbook_matmul_cuda
 from codegemm.ops.triton_dequant import dequant_matmul_triton
 from codegemm.ops.triton_dequant_dense import dequant_dense_matmul
 from codegemm.ops.triton_psumbook import psumbook_matmul_triton
@@ -111,6 +111,13 @@ def _dequant_dense_mm_fake(x, codes, codebooks, scales, bias=None):
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
+def _psumbook_gpu(x, codes, codebooks, scales, bias):
+    """The CUDA C++ Psumbook kernel where the call fits it, else the Triton one."""
+    if cuda_psumbook_eligible(x, codes, codebooks, scales, bias):
+        return psumbook_matmul_cuda(x, codes, codebooks, scales, bias)
+    return psumbook_matmul_triton(x, codes, codebooks, scales, bias)
+
+
 @torch.library.custom_op("codegemm::psumbook_cuda_mm", mutates_args=())
 def psumbook_cuda_mm(
     x: torch.Tensor,
@@ -122,12 +129,32 @@ def psumbook_cuda_mm(
     """CUDA C++ Psumbook kernel for 1-16 tokens; calls it does not fit go to the Triton Psumbook kernel."""
     check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
     x, codes, codebooks, scales, bias = _contiguous(x, codes, codebooks, scales, bias)
-    if cuda_psumbook_eligible(x, codes, codebooks, scales, bias):
-        return psumbook_matmul_cuda(x, codes, codebooks, scales, bias)
-    return psumbook_matmul_triton(x, codes, codebooks, scales, bias)
+    return _psumbook_gpu(x, codes, codebooks, scales, bias)
 
 
 @psumbook_cuda_mm.register_fake
 def _psumbook_cuda_mm_fake(x, codes, codebooks, scales, bias=None):
+    check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+@torch.library.custom_op("codegemm::codebook_mma_mm", mutates_args=())
+def codebook_mma_mm(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """CUDA C++ codebook tensor-core kernel for 1-16 tokens; calls it does not fit go to the Psumbook kernels."""
+    check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
+    x, codes, codebooks, scales, bias = _contiguous(x, codes, codebooks, scales, bias)
+    if codebook_mma_eligible(x, codes, codebooks, scales, bias):
+        return codebook_mma_cuda(x, codes, codebooks, scales, bias)
+    return _psumbook_gpu(x, codes, codebooks, scales, bias)
+
+
+@codebook_mma_mm.register_fake
+def _codebook_mma_mm_fake(x, codes, codebooks, scales, bias=None):
     check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
     return x.new_empty(x.shape[0], codes.shape[0])

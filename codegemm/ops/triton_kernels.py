@@ -1,8 +1,10 @@
 """Registers the GPU kernels with the dispatcher (imported by :mod:`codegemm.ops.dispatch` on CUDA).
 
-On CUDA, 1-16 tokens go through the CUDA C++ Psumbook kernel for the configs
-compiled into it (m2v8, m1v4; it falls back to Triton inside the op when a
-call does not fit), through the Triton Psumbook kernel for the others. More
+On CUDA, for the configs compiled into the CUDA C++ library (m2v8, m1v4),
+one token goes through the CUDA Psumbook kernel and 2-16 tokens through the
+CUDA codebook tensor-core kernel (whose cost is flat in the token count; each
+op falls back to the next kernel inside when a call does not fit); other
+configs take the Triton Psumbook kernel. More
 than 16 tokens (prefill) dequantize the weight into a temporary dense tensor
 (Triton) and multiply with cuBLAS (``triton_dequant_dense``, under
 ``backend="cuda"`` because its matmul is cuBLAS); ``backend="triton"`` keeps the
@@ -52,6 +54,14 @@ def _psumbook_cuda(x, codes, codebooks, scales, bias):
     return custom_ops.psumbook_cuda_mm(x, codes, codebooks, scales, bias)
 
 
+MMA_MIN_TOKENS = 2
+"""From this many tokens the codebook tensor-core kernel beats the Psumbook GEMV (H200, docs/KERNELS.md v6)."""
+
+
+def _codebook_mma(x, codes, codebooks, scales, bias):
+    return custom_ops.codebook_mma_mm(x, codes, codebooks, scales, bias)
+
+
 def _cuda_psumbook_ok(config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
     return (
         config.nbits == 8
@@ -73,6 +83,17 @@ def _prefill_ok(tokens: int, dtype: torch.dtype) -> bool:
     return tokens > PSUMBOOK_MAX_TOKENS and dtype in custom_ops.ACTIVATION_DTYPES
 
 
+register_kernel(
+    KernelSpec(
+        "cuda_codebook_mma",
+        Backend.CUDA,
+        lambda dev, cfg, tokens, dtype: (
+            dev.type == "cuda" and tokens >= MMA_MIN_TOKENS and _cuda_psumbook_ok(cfg, tokens, dtype)
+        ),
+        _codebook_mma,
+        priority=45,
+    )
+)
 register_kernel(
     KernelSpec(
         "cuda_psumbook",

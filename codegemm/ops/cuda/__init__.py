@@ -1,9 +1,12 @@
-"""CUDA C++ Psumbook kernel (psumbook.cu), built with nvcc at first use and called through ctypes.
+"""CUDA C++ kernels (psumbook.cu, codebook_mma.cu), built with nvcc at first use and called through ctypes.
 
 Only the benchmark configs where Triton measurably falls short are compiled
 in: m2v8 and m1v4 with 8-bit codes, fp16 codebooks and scales, fp16/bf16
-activations, 1-16 tokens. :func:`cuda_psumbook_eligible` says whether a call
-fits; everything else goes to the Triton kernels. The shared library lands in
+activations, 1-16 tokens. Two kernels: the Psumbook GEMV (psumbook.cu) and
+the codebook tensor-core kernel (codebook_mma.cu: conflict-free centroid
+gathers + mma.sync), which costs the same for 1-16 tokens.
+:func:`cuda_psumbook_eligible` / :func:`codebook_mma_eligible` say whether a
+call fits; everything else goes to the Triton kernels. The shared library lands in
 ``$CODEGEMM_CUDA_CACHE`` (default ``~/.cache/codegemm/cuda``) under a name
 that holds the source hash and the GPU architecture, so edits rebuild it.
 A missing ``nvcc`` or a failed build logs a warning once and the Triton path
@@ -25,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = pathlib.Path(__file__).with_name("psumbook.cu")
+_SOURCES = [pathlib.Path(__file__).with_name(name) for name in ("psumbook.cu", "codebook_mma.cu")]
 CUDA_CONFIGS = {(2, 8), (1, 4)}
 """(num_codebooks, vec_len) pairs compiled into the library (nbits = 8)."""
 MAX_TOKENS = 16
@@ -41,13 +44,13 @@ def _nvcc() -> str | None:
 
 
 def library_path(arch: str) -> pathlib.Path:
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES)).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("CODEGEMM_CUDA_CACHE", pathlib.Path.home() / ".cache" / "codegemm" / "cuda"))
     return cache / f"psumbook_{digest}_{arch}.so"
 
 
 def build(arch: str) -> pathlib.Path:
-    """Compile psumbook.cu for ``arch`` (e.g. ``sm_90``) unless the cached library is current."""
+    """Compile the kernels for ``arch`` (e.g. ``sm_90``) unless the cached library is current."""
     path = library_path(arch)
     if path.exists():
         return path
@@ -58,7 +61,7 @@ def build(arch: str) -> pathlib.Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     number = arch.split("_")[1]
     cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
-           f"-gencode=arch=compute_{number},code={arch}", "-o", str(tmp), str(_SOURCE)]
+           f"-gencode=arch=compute_{number},code={arch}", "-o", str(tmp), *map(str, _SOURCES)]
     logger.info("building the CUDA Psumbook kernel: %s", " ".join(cmd))
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(tmp, path)
@@ -79,6 +82,8 @@ def load_library(arch: str) -> ctypes.CDLL | None:
     lib.codegemm_psumbook.restype = ctypes.c_int
     lib.codegemm_psumbook.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
         ctypes.c_int] * 5 + [ctypes.c_void_p]
+    lib.codegemm_codebook_mma.restype = ctypes.c_int
+    lib.codegemm_codebook_mma.argtypes = lib.codegemm_psumbook.argtypes
     lib.codegemm_error_string.restype = ctypes.c_char_p
     lib.codegemm_error_string.argtypes = [ctypes.c_int]
     return lib
@@ -126,6 +131,26 @@ def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.devic
     return rpt, splits
 
 
+def _launch(entry: str, x: torch.Tensor, args: tuple, kernel: str) -> None:
+    """Call one extern "C" launcher of the library on PyTorch's current stream; raise on a launch error."""
+    lib = load_library(device_arch(x.device))
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    with torch.cuda.device(x.device):  # the runtime launches on the current device, not the tensors'
+        err = getattr(lib, entry)(_DTYPE_CODES[x.dtype], *args, stream)
+    if err != 0:
+        reason = "config not compiled in" if err < 0 else lib.codegemm_error_string(err).decode()
+        raise RuntimeError(f"CUDA {kernel} kernel launch failed ({err}): {reason}")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _partials(splits: int, tokens: int, n: int, x: torch.Tensor) -> torch.Tensor | None:
+    """fp32 split-K workspace ``[splits, T, N]``, summed in split order by the library (deterministic)."""
+    return torch.empty(splits, tokens, n, dtype=torch.float32, device=x.device) if splits > 1 else None
+
+
 def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                          bias: torch.Tensor | None, rows_per_thread: int | None = None,
                          splits: int | None = None) -> torch.Tensor:
@@ -141,17 +166,78 @@ def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.
     per_split = -(-chunks // splits)
     used = -(-chunks // per_split)
     out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
-    partial = torch.empty(used, tokens, n, dtype=torch.float32, device=x.device) if used > 1 else None
+    partial = _partials(used, tokens, n, x)
     groups = scales.shape[1]
-    lib = load_library(device_arch(x.device))
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    with torch.cuda.device(x.device):  # the runtime launches on the current device, not the tensors'
-        err = lib.codegemm_psumbook(
-            _DTYPE_CODES[x.dtype], m, v, rpt, tokens, x.data_ptr(), x.stride(0), codes.data_ptr(), codebooks.data_ptr(),
-            scales.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-            None if partial is None else partial.data_ptr(), n, num_vectors, groups,
-            num_vectors if groups == 1 else num_vectors // groups, splits, stream)
-    if err != 0:
-        reason = "config not compiled in" if err < 0 else lib.codegemm_error_string(err).decode()
-        raise RuntimeError(f"CUDA Psumbook kernel launch failed ({err}): {reason}")
+    _launch("codegemm_psumbook", x, (
+        m, v, rpt, tokens, x.data_ptr(), x.stride(0), codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr(),
+        _ptr(bias), out.data_ptr(), _ptr(partial), n, num_vectors, groups,
+        num_vectors if groups == 1 else num_vectors // groups, splits), "Psumbook")
+    return out
+
+
+MMA_CHUNK_INPUTS = 128
+"""Inputs per chunk of the codebook tensor-core kernel (32 code bytes of a row)."""
+MMA_MAX_X_CHUNKS = 64
+"""Token-chunks of activations a block keeps in shared memory (256 B each: 16 KiB beside the codebook)."""
+_MMA_ROWS_PER_BLOCK_TILE = 16 * 16
+"""Rows per block per m-tile per warp (16 warps of 16-row mma tiles)."""
+
+
+def codebook_mma_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                          bias: torch.Tensor | None) -> bool:
+    """Whether a call fits codebook_mma.cu: the Psumbook kernel's conditions, K and groups in 128-input chunks."""
+    if not cuda_psumbook_eligible(x, codes, codebooks, scales, bias):
+        return False
+    k = x.shape[1]
+    groups = scales.shape[1]
+    if k % MMA_CHUNK_INPUTS or (groups > 1 and (k // groups) % MMA_CHUNK_INPUTS):
+        return False
+    return x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+
+
+def _min_mma_splits(chunks: int, tokens: int) -> int:
+    """Fewest K splits whose largest split's activations fit: ``ceil(chunks / splits) * tokens <= MAX``."""
+    return -(-chunks // (MMA_MAX_X_CHUNKS // tokens))
+
+
+def plan_mma(tokens: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(m-tiles per warp, K splits) for codebook_mma.cu.
+
+    The kernel runs persistent blocks (as many as fit per SM) that each build the replicated codebook once
+    and walk work items (row block, split of K). The split's activations sit in shared memory beside the
+    codebook, at most 16 KiB of them (``chunks * tokens <= 64``); beyond that, splits only need to give
+    every resident block an item.
+    """
+    from codegemm.ops.triton_psumbook import sm_count
+
+    chunks = k // MMA_CHUNK_INPUTS
+    tiles = int(os.environ.get("CODEGEMM_MMA_TILES", "0")) or 1  # one 16-row tile per warp won on an H200
+    row_blocks = -(-n // (_MMA_ROWS_PER_BLOCK_TILE * tiles))
+    # Blocks share the items evenly (counts differ by at most one), so ask for about ITEMS items per resident
+    # block, but keep at least two chunks per item.
+    slots = 2 * sm_count(device)
+    per_block = int(os.environ.get("CODEGEMM_MMA_ITEMS_PER_BLOCK", "2"))  # best of 2/4/8 on an H200
+    splits = max(_min_mma_splits(chunks, tokens), min(-(-chunks // 2), -(-per_block * slots // row_blocks)))
+    return tiles, max(1, min(chunks, splits))
+
+
+def codebook_mma_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                      bias: torch.Tensor | None, tiles: int | None = None, splits: int | None = None) -> torch.Tensor:
+    """``x [T, K] -> [T, N]`` through codebook_mma.cu; the call must be :func:`codebook_mma_eligible`."""
+    tokens, k = x.shape
+    n, _, m = codes.shape
+    v = codebooks.shape[2]
+    default_tiles, default_splits = plan_mma(tokens, n, k, x.device)
+    tiles = tiles or default_tiles
+    chunks = k // MMA_CHUNK_INPUTS
+    splits = max(splits or default_splits, _min_mma_splits(chunks, tokens))  # x must fit on chip
+    per_split = -(-chunks // splits)
+    used = -(-chunks // per_split)
+    out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
+    partial = _partials(used, tokens, n, x)
+    groups = scales.shape[1]
+    chunks_per_group = chunks if groups == 1 else chunks // groups
+    _launch("codegemm_codebook_mma", x, (
+        m, v, tiles, tokens, x.data_ptr(), x.stride(0), codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr(),
+        _ptr(bias), out.data_ptr(), _ptr(partial), n, chunks, groups, chunks_per_group, splits), "codebook mma")
     return out
