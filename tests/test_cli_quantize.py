@@ -33,10 +33,12 @@ def tiny_dir(tmp_path_factory) -> str:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", layers=4, max_positions=256)
 
 
-def _cli(*args: str) -> subprocess.Popen:
+def _cli(log: Path, *args: str) -> subprocess.Popen:
+    """``codegemm`` in a subprocess, output to the file ``log`` (a pipe nobody reads could fill and stall it)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "codegemm.cli.main", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "codegemm.cli.main", *args], cwd=REPO, env=env,
+                                stdout=handle, stderr=subprocess.STDOUT, text=True)
 
 
 def test_quantize_writes_a_complete_checkpoint_and_eval_reads_it(tiny_dir, tmp_path, capsys):
@@ -114,32 +116,42 @@ def test_nan_weights_are_refused_before_work(tmp_path, caplog):
     assert "mlp.up_proj.weight must be finite" in caplog.text
 
 
-def test_sigkill_then_resume_gives_the_same_checkpoint_bit_for_bit(tiny_dir, tmp_path):
-    flags = [*FAST_FLAGS, "--ppl", "none", "--seed", "7"]
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    proc = _cli("quantize", tiny_dir, "--out", str(whole), *flags)
-    assert proc.wait(timeout=600) == 0, proc.stdout.read()
-
-    proc = _cli("quantize", tiny_dir, "--out", str(broken), *flags)
-    state = broken / PARTIAL_DIR / "state.json"
+def _kill_when(proc: subprocess.Popen, state: Path, key: str, at_least: int) -> int:
+    """SIGKILL ``proc`` once ``state.json``'s ``key`` reaches ``at_least``; returns the value it was killed at."""
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["completed"] >= 1:
+        if state.is_file() and json.loads(state.read_text()).get(key, 0) >= at_least:
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (broken / "config.json").exists()
-    completed = json.loads(state.read_text())["completed"]
-    assert 1 <= completed < 4
+    return json.loads(state.read_text())[key]
 
-    proc = _cli("quantize", tiny_dir, "--out", str(broken), "--resume", *flags)
-    log = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, log
-    assert f"resuming after {completed} of 4 finished blocks" in log
+
+def test_sigkill_then_resume_gives_the_same_checkpoint_bit_for_bit(tiny_dir, tmp_path):
+    """Killed once among the blocks and once during global fine-tuning, resumed twice: same bytes."""
+    flags = [*FAST_FLAGS, "--ppl", "none", "--seed", "7", "--global-epochs", "6", "--global-lr", "1e-3"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    logs = [tmp_path / f"run{i}.log" for i in range(4)]
+    proc = _cli(logs[0], "quantize", tiny_dir, "--out", str(whole), *flags)
+    assert proc.wait(timeout=600) == 0, logs[0].read_text()
+
+    state = broken / PARTIAL_DIR / "state.json"
+    completed = _kill_when(_cli(logs[1], "quantize", tiny_dir, "--out", str(broken), *flags), state, "completed", 1)
+    assert 1 <= completed < 4 and not (broken / "config.json").exists()
+    epochs = _kill_when(_cli(logs[2], "quantize", tiny_dir, "--out", str(broken), "--resume", *flags), state,
+                        "global_epochs", 2)
+    assert 2 <= epochs < 6 and not (broken / "config.json").exists()
+    assert f"resuming after {completed} of 4 finished blocks" in logs[2].read_text()
+
+    proc = _cli(logs[3], "quantize", tiny_dir, "--out", str(broken), "--resume", *flags)
+    assert proc.wait(timeout=600) == 0, logs[3].read_text()
+    log = logs[3].read_text()
+    assert f"resuming global fine-tuning after {epochs} of 6 epochs" in log
     for name in ("model.safetensors", "config.json"):
         assert (whole / name).read_bytes() == (broken / name).read_bytes(), name
-    a = json.loads((whole / "quant_report.json").read_text())["layers"]
-    b = json.loads((broken / "quant_report.json").read_text())["layers"]
-    assert [r["rel_error"] for r in a] == [r["rel_error"] for r in b]
+    a = json.loads((whole / "quant_report.json").read_text())
+    b = json.loads((broken / "quant_report.json").read_text())
+    assert [r["rel_error"] for r in a["layers"]] == [r["rel_error"] for r in b["layers"]]
+    assert a["global_finetune"] == b["global_finetune"] and len(a["global_finetune"]) == 6

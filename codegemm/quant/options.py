@@ -77,11 +77,11 @@ class QuantOptions:
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": dict(beam_size=1, max_rounds=2, adam_steps=8, kmeans_iters=8, kmeans_points=1 << 15, finetune_epochs=0),
     "best": dict(beam_size=2, max_rounds=2, adam_steps=15, kmeans_iters=10, kmeans_points=1 << 15,
-                 finetune_epochs=2, finetune_lr=2e-4),
+                 finetune_epochs=2, finetune_lr=2e-4, global_epochs=2, global_lr=1e-4),
 }
 """Named option sets; ``fast`` keeps the no-argument CLI run within minutes on a small CPU."""
 
-PRESET_DATA = {"fast": dict(nsamples=32, seqlen=512), "best": dict(nsamples=32, seqlen=512)}
+PRESET_DATA = {"fast": dict(nsamples=32, seqlen=512), "best": dict(nsamples=64, seqlen=512)}
 """Calibration size each preset uses unless the user sets --nsamples/--seqlen."""
 
 
