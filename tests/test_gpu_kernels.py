@@ -84,6 +84,7 @@ def test_dispatch_picks_gpu_kernels_on_cuda():
     assert select_kernel(DEVICE, config, 1, torch.float16).name == "cuda_psumbook"
     assert select_kernel(DEVICE, config, 2, torch.float16).name == "cuda_codebook_mma"
     assert select_kernel(DEVICE, config, 16, torch.bfloat16).name == "cuda_codebook_mma"
+    assert select_kernel(DEVICE, CodebookConfig.from_name("m1v4g128"), 1, torch.float16).name == "cuda_codebook_mma"
     assert select_kernel(DEVICE, CodebookConfig.from_name("m2v4g128"), 16, torch.float16).name == "triton_psumbook"
     assert select_kernel(DEVICE, config, 17, torch.float16).name == "triton_dequant_dense"
     assert select_kernel(DEVICE, config, 17, torch.float16, Backend.TRITON).name == "triton_dequant_gemm"

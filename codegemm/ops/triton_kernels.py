@@ -1,10 +1,10 @@
 """Registers the GPU kernels with the dispatcher (imported by :mod:`codegemm.ops.dispatch` on CUDA).
 
 On CUDA, for the configs compiled into the CUDA C++ library (m2v8, m1v4),
-one token goes through the CUDA Psumbook kernel and 2-16 tokens through the
-CUDA codebook tensor-core kernel (whose cost is flat in the token count; each
-op falls back to the next kernel inside when a call does not fit); other
-configs take the Triton Psumbook kernel. More
+1-16 tokens go through the CUDA codebook tensor-core kernel, whose cost is
+flat in the token count, except one m2v8 token, where the CUDA Psumbook GEMV
+is faster (``MMA_MIN_TOKENS``); each op falls back to the next kernel inside
+when a call does not fit. Other configs take the Triton Psumbook kernel. More
 than 16 tokens (prefill) dequantize the weight into a temporary dense tensor
 (Triton) and multiply with cuBLAS (``triton_dequant_dense``, under
 ``backend="cuda"`` because its matmul is cuBLAS); ``backend="triton"`` keeps the
@@ -54,8 +54,12 @@ def _psumbook_cuda(x, codes, codebooks, scales, bias):
     return custom_ops.psumbook_cuda_mm(x, codes, codebooks, scales, bias)
 
 
-MMA_MIN_TOKENS = 2
-"""From this many tokens the codebook tensor-core kernel beats the Psumbook GEMV (H200, docs/KERNELS.md v6)."""
+MMA_MIN_TOKENS = {(2, 8): 2, (1, 4): 1}
+"""(m, v) -> from this many tokens the codebook tensor-core kernel beats the CUDA Psumbook GEMV.
+
+Measured on an H200 (docs/KERNELS.md, v6): m2v8 gathers 32 bytes of centroids per 8 inputs and loses to
+the Psumbook at one token; m1v4 gathers 8 bytes per 4 inputs and wins from one token on the 70B shapes.
+"""
 
 
 def _codebook_mma(x, codes, codebooks, scales, bias):
@@ -88,7 +92,9 @@ register_kernel(
         "cuda_codebook_mma",
         Backend.CUDA,
         lambda dev, cfg, tokens, dtype: (
-            dev.type == "cuda" and tokens >= MMA_MIN_TOKENS and _cuda_psumbook_ok(cfg, tokens, dtype)
+            dev.type == "cuda"
+            and _cuda_psumbook_ok(cfg, tokens, dtype)
+            and tokens >= MMA_MIN_TOKENS[(cfg.num_codebooks, cfg.vec_len)]
         ),
         _codebook_mma,
         priority=45,
