@@ -9,7 +9,7 @@ fresh tensors on every call.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -51,66 +51,6 @@ def _contiguous(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-@torch.library.custom_op("codegemm::psumbook_mm", mutates_args=())
-def psumbook_mm(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Psumbook matmul for 1-16 tokens: ``x [T, K]`` fp16/bf16/fp32, uint8 ``codes [N, K//v, m]`` -> ``[T, N]``."""
-    check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
-    x, codes, codebooks, scales, bias = _contiguous(x, codes, codebooks, scales, bias)
-    return psumbook_matmul_triton(x, codes, codebooks, scales, bias)
-
-
-@psumbook_mm.register_fake
-def _psumbook_mm_fake(x, codes, codebooks, scales, bias=None):
-    check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
-    return x.new_empty(x.shape[0], codes.shape[0])
-
-
-@torch.library.custom_op("codegemm::dequant_mm", mutates_args=())
-def dequant_mm(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Dequantize-in-registers tensor-core GEMM for any token count: ``x [T, K]`` -> ``[T, N]``."""
-    check_matmul_args(x, codes, codebooks, scales, bias)
-    x, codes, codebooks, scales, bias = _contiguous(x, codes, codebooks, scales, bias)
-    return dequant_matmul_triton(x, codes, codebooks, scales, bias)
-
-
-@dequant_mm.register_fake
-def _dequant_mm_fake(x, codes, codebooks, scales, bias=None):
-    check_matmul_args(x, codes, codebooks, scales, bias)
-    return x.new_empty(x.shape[0], codes.shape[0])
-
-
-@torch.library.custom_op("codegemm::dequant_dense_mm", mutates_args=())
-def dequant_dense_mm(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Prefill: dequantize to a temporary dense ``W`` in ``x``'s dtype (Triton), then ``F.linear`` (cuBLAS)."""
-    check_matmul_args(x, codes, codebooks, scales, bias)
-    x, codes, codebooks, scales, bias = _contiguous(x, codes, codebooks, scales, bias)
-    return dequant_dense_matmul(x, codes, codebooks, scales, bias)
-
-
-@dequant_dense_mm.register_fake
-def _dequant_dense_mm_fake(x, codes, codebooks, scales, bias=None):
-    check_matmul_args(x, codes, codebooks, scales, bias)
-    return x.new_empty(x.shape[0], codes.shape[0])
-
-
 def _psumbook_gpu(x, codes, codebooks, scales, bias):
     """The CUDA C++ Psumbook kernel where the call fits it, else the Triton one."""
     if cuda_psumbook_eligible(x, codes, codebooks, scales, bias):
@@ -118,43 +58,46 @@ def _psumbook_gpu(x, codes, codebooks, scales, bias):
     return psumbook_matmul_triton(x, codes, codebooks, scales, bias)
 
 
-@torch.library.custom_op("codegemm::psumbook_cuda_mm", mutates_args=())
-def psumbook_cuda_mm(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """CUDA C++ Psumbook kernel for 1-16 tokens; calls it does not fit go to the Triton Psumbook kernel."""
-    check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
-    x, codes, codebooks, scales, bias = _contiguous(x, codes, codebooks, scales, bias)
-    return _psumbook_gpu(x, codes, codebooks, scales, bias)
-
-
-@psumbook_cuda_mm.register_fake
-def _psumbook_cuda_mm_fake(x, codes, codebooks, scales, bias=None):
-    check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
-    return x.new_empty(x.shape[0], codes.shape[0])
-
-
-@torch.library.custom_op("codegemm::codebook_mma_mm", mutates_args=())
-def codebook_mma_mm(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """CUDA C++ codebook tensor-core kernel for 1-16 tokens; calls it does not fit go to the Psumbook kernels."""
-    check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
-    x, codes, codebooks, scales, bias = _contiguous(x, codes, codebooks, scales, bias)
+def _codebook_mma_gpu(x, codes, codebooks, scales, bias):
+    """The CUDA codebook tensor-core kernel where the call fits it, else the Psumbook kernels."""
     if codebook_mma_eligible(x, codes, codebooks, scales, bias):
         return codebook_mma_cuda(x, codes, codebooks, scales, bias)
     return _psumbook_gpu(x, codes, codebooks, scales, bias)
 
 
-@codebook_mma_mm.register_fake
-def _codebook_mma_mm_fake(x, codes, codebooks, scales, bias=None):
-    check_matmul_args(x, codes, codebooks, scales, bias, (torch.uint8,))
-    return x.new_empty(x.shape[0], codes.shape[0])
+def _define(name: str, impl: Callable[..., torch.Tensor], code_dtypes: tuple[torch.dtype, ...], doc: str):
+    """Register ``codegemm::name``: checks, contiguous inputs, ``impl``; and its fake (shape-only) twin."""
+
+    def op(
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        codebooks: torch.Tensor,
+        scales: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        check_matmul_args(x, codes, codebooks, scales, bias, code_dtypes)
+        return impl(*_contiguous(x, codes, codebooks, scales, bias))
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = doc
+    custom = torch.library.custom_op(f"codegemm::{name}", mutates_args=())(op)
+
+    @custom.register_fake
+    def _fake(x, codes, codebooks, scales, bias=None):
+        check_matmul_args(x, codes, codebooks, scales, bias, code_dtypes)
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    return custom
+
+
+_UINT8 = (torch.uint8,)
+psumbook_mm = _define("psumbook_mm", psumbook_matmul_triton, _UINT8,
+                      "Triton Psumbook matmul for 1-16 tokens: x [T, K] fp16/bf16/fp32, uint8 codes [N, K//v, m] -> [T, N].")
+dequant_mm = _define("dequant_mm", dequant_matmul_triton, KERNEL_CODE_DTYPES,
+                     "Triton dequantize-in-registers tensor-core GEMM for any token count: x [T, K] -> [T, N].")
+dequant_dense_mm = _define("dequant_dense_mm", dequant_dense_matmul, KERNEL_CODE_DTYPES,
+                           "Prefill: dequantize to a temporary dense W in x's dtype (Triton), then F.linear (cuBLAS).")
+psumbook_cuda_mm = _define("psumbook_cuda_mm", _psumbook_gpu, _UINT8,
+                           "CUDA C++ Psumbook kernel for 1-16 tokens; calls it does not fit go to the Triton one.")
+codebook_mma_mm = _define("codebook_mma_mm", _codebook_mma_gpu, _UINT8,
+                          "CUDA C++ codebook tensor-core kernel for 1-16 tokens; other calls go to the Psumbook kernels.")

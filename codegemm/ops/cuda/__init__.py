@@ -28,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [pathlib.Path(__file__).with_name(name) for name in ("psumbook.cu", "codebook_mma.cu")]
+_SOURCES = [pathlib.Path(__file__).with_name(name) for name in ("psumbook.cu", "codebook_mma.cu", "common.cuh")]
 CUDA_CONFIGS = {(2, 8), (1, 4)}
 """(num_codebooks, vec_len) pairs compiled into the library (nbits = 8)."""
 MAX_TOKENS = 16
@@ -61,7 +61,7 @@ def build(arch: str) -> pathlib.Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     number = arch.split("_")[1]
     cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
-           f"-gencode=arch=compute_{number},code={arch}", "-o", str(tmp), *map(str, _SOURCES)]
+           f"-gencode=arch=compute_{number},code={arch}", "-o", str(tmp), *(str(p) for p in _SOURCES if p.suffix == ".cu")]
     logger.info("building the CUDA Psumbook kernel: %s", " ".join(cmd))
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(tmp, path)

@@ -23,6 +23,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace {
 
 constexpr int MMA_THREADS = 512;  // 16 warps share one codebook copy: 2 blocks (32 warps) per SM
@@ -66,14 +68,6 @@ template <> struct MmaTraits<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
-
-__device__ __forceinline__ float mma_to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float mma_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T mma_from_float(float v);
-template <> __device__ __forceinline__ __half mma_from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 mma_from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ uint2 load_codes(const uint8_t* p) {
   uint2 r;
@@ -292,22 +286,11 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
         if (partial != nullptr) {
           partial[(static_cast<size_t>(split) * tokens + t) * n_rows + n] = acc[r][nt][e];
         } else {
-          const float b = bias != nullptr ? mma_to_float(bias[n]) : 0.f;
-          out[static_cast<size_t>(t) * n_rows + n] = mma_from_float<XT>(acc[r][nt][e] + b);
+          const float b = bias != nullptr ? to_float(bias[n]) : 0.f;
+          out[static_cast<size_t>(t) * n_rows + n] = from_float<XT>(acc[r][nt][e] + b);
         }
       }
   }  // item
-}
-
-template <typename XT>
-__global__ void mma_split_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,
-                                        XT* __restrict__ out, int total, int n_rows, int splits) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= total) return;
-  float s = 0.f;
-  for (int k = 0; k < splits; ++k) s += partial[static_cast<size_t>(k) * total + i];
-  if (bias != nullptr) s += mma_to_float(bias[i % n_rows]);
-  out[i] = mma_from_float<XT>(s);
 }
 
 int max_blocks_per_sm = 0;  // 0: as many as fit (codegemm_codebook_mma_set_blocks_per_sm, for plan sweeps)
@@ -339,13 +322,7 @@ int launch_mma(const void* x, int tokens, int stride_x, const void* codes, const
       per_split);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
-  if (used_splits > 1) {
-    const int total = tokens * n_rows;
-    mma_split_reduce_kernel<XT><<<(total + 255) / 256, 256, 0, stream>>>(
-        partial, static_cast<const XT*>(bias), static_cast<XT*>(out), total, n_rows, used_splits);
-    err = cudaGetLastError();
-  }
-  return static_cast<int>(err);
+  return used_splits > 1 ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, stream) : 0;
 }
 
 template <int M, int V, typename XT>

@@ -15,17 +15,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace {
 
 constexpr int THREADS = 512;
 constexpr int CENTROIDS = 256;
-
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(float v) { return v; }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Codes are read exactly once: keep them out of L1. A block reads 32 bytes of each row per chunk; the L2
 // prefetch size makes one DRAM access bring the row's next chunks into L2 as well (a block walks chunks
@@ -205,17 +200,6 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   }
 }
 
-template <typename XT>
-__global__ void split_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,
-                                    XT* __restrict__ out, int total, int n_rows, int splits) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= total) return;
-  float s = 0.f;
-  for (int k = 0; k < splits; ++k) s += partial[static_cast<size_t>(k) * total + i];
-  if (bias != nullptr) s += to_float(bias[i % n_rows]);
-  out[i] = from_float<XT>(s);
-}
-
 template <int M, int V, int RPT, int MAXT, int LANES, typename XT>
 int launch_psumbook(const void* x, int tokens, int stride_x, const void* codes, const void* codebooks,
                     const void* scales, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
@@ -236,13 +220,7 @@ int launch_psumbook(const void* x, int tokens, int stride_x, const void* codes, 
       per_split);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
-  if (used_splits > 1) {
-    const int total = tokens * n_rows;
-    split_reduce_kernel<XT><<<(total + 255) / 256, 256, 0, stream>>>(
-        partial, static_cast<const XT*>(bias), static_cast<XT*>(out), total, n_rows, used_splits);
-    err = cudaGetLastError();
-  }
-  return static_cast<int>(err);
+  return used_splits > 1 ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, stream) : 0;
 }
 
 // Instantiated plans: one token: two lanes per row, RPT 4 or 8 rows per lane pair; 2-16 tokens: one

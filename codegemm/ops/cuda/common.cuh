@@ -1,0 +1,38 @@
+// Pieces shared by the CUDA kernels (psumbook.cu, codebook_mma.cu): dtype conversions and the split-K
+// reduction that sums fp32 partials [split][token][row] in split order (deterministic, no atomics).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace {
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename XT>
+__global__ void split_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,
+                                    XT* __restrict__ out, int total, int n_rows, int splits) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  float s = 0.f;
+  for (int k = 0; k < splits; ++k) s += partial[static_cast<size_t>(k) * total + i];
+  if (bias != nullptr) s += to_float(bias[i % n_rows]);
+  out[i] = from_float<XT>(s);
+}
+
+// out[t][n] = sum over splits of partial (+ bias); returns the launch's cudaError_t.
+template <typename XT>
+int launch_split_reduce(const float* partial, const void* bias, void* out, int tokens, int n_rows, int splits,
+                        cudaStream_t stream) {
+  const int total = tokens * n_rows;
+  split_reduce_kernel<XT><<<(total + 255) / 256, 256, 0, stream>>>(
+      partial, static_cast<const XT*>(bias), static_cast<XT*>(out), total, n_rows, splits);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
