@@ -43,6 +43,7 @@ def test_cpu_tensors_are_never_eligible():
     x = torch.randn(1, 256).half()
     assert not cuda.cuda_psumbook_eligible(x, codes, books, scales, None)
     assert not cuda.codebook_mma_eligible(x, codes, books, scales, None)
+    assert not cuda.cuda_dequant_eligible(codes, books, scales, torch.float16)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 7, 16])

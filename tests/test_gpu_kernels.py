@@ -126,6 +126,20 @@ def test_prefill_dense_path_bf16_and_fused_agree(tokens):
     assert rel_error(fused, ref) <= 2 * torch_err
 
 
+@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128", "m2v8", "m1v4g256"])
+def test_cuda_dequantize_equals_reference_rounded_once(name):
+    """The prefill path's CUDA dequantization equals reference.dequantize in fp32, rounded once to the dtype."""
+    from codegemm.ops.cuda import cuda_dequant_eligible, dequantize_cuda
+
+    config = CodebookConfig.from_name(name)
+    for n, k in [(1000, 1024), (4099, 2048), (16, 256)]:
+        codes, codebooks, scales = _random_layer(config, n, k)
+        expected = reference.dequantize(codes, codebooks, scales, torch.float32)
+        for dtype in (torch.float16, torch.bfloat16):
+            assert cuda_dequant_eligible(codes, codebooks, scales, dtype)
+            assert torch.equal(dequantize_cuda(codes, codebooks, scales, dtype), expected.to(dtype)), (n, k, dtype)
+
+
 @pytest.mark.parametrize("backend", [Backend.CUDA, Backend.TRITON])
 @pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128", "m2v8"])
 def test_psumbook_backends_all_token_counts(backend, name):

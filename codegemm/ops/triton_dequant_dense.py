@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from codegemm.errors import DTypeError
+from codegemm.ops.cuda import cuda_dequant_eligible, dequantize_cuda
 from codegemm.validation import check_quantized_metadata
 
 DENSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -124,6 +125,13 @@ def dequant_dense_matmul(
     scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``x [T, K] @ W.T + bias`` through a temporary dense ``W`` in ``x``'s dtype (inputs checked by the op)."""
-    weight = dequantize_triton(codes, codebooks, scales, x.dtype)
+    """``x [T, K] @ W.T + bias`` through a temporary dense ``W`` in ``x``'s dtype (inputs checked by the op).
+
+    ``W`` comes from the CUDA dequantization (``codegemm/ops/cuda/dequant.cu``) for the configs compiled into
+    it, from the Triton kernel above otherwise; both equal ``reference.dequantize(..., float32).to(dtype)``.
+    """
+    if cuda_dequant_eligible(codes, codebooks, scales, x.dtype):
+        weight = dequantize_cuda(codes, codebooks, scales, x.dtype)
+    else:
+        weight = dequantize_triton(codes, codebooks, scales, x.dtype)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))

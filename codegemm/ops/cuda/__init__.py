@@ -28,7 +28,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [pathlib.Path(__file__).with_name(name) for name in ("psumbook.cu", "codebook_mma.cu", "common.cuh")]
+_SOURCES = [pathlib.Path(__file__).with_name(name)
+            for name in ("psumbook.cu", "codebook_mma.cu", "dequant.cu", "common.cuh")]
 CUDA_CONFIGS = {(2, 8), (1, 4)}
 """(num_codebooks, vec_len) pairs compiled into the library (nbits = 8)."""
 MAX_TOKENS = 16
@@ -84,6 +85,8 @@ def load_library(arch: str) -> ctypes.CDLL | None:
         ctypes.c_int] * 5 + [ctypes.c_void_p]
     lib.codegemm_codebook_mma.restype = ctypes.c_int
     lib.codegemm_codebook_mma.argtypes = lib.codegemm_psumbook.argtypes
+    lib.codegemm_dequant.restype = ctypes.c_int
+    lib.codegemm_dequant.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
     lib.codegemm_error_string.restype = ctypes.c_char_p
     lib.codegemm_error_string.argtypes = [ctypes.c_int]
     return lib
@@ -132,7 +135,10 @@ def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.devic
 
 
 def _launch(entry: str, x: torch.Tensor, args: tuple, kernel: str) -> None:
-    """Call one extern "C" launcher of the library on PyTorch's current stream; raise on a launch error."""
+    """Call one extern "C" launcher of the library on PyTorch's current stream; raise on a launch error.
+
+    ``x``'s device is the launch device and its dtype the library's dtype code (activations, or output).
+    """
     lib = load_library(device_arch(x.device))
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):  # the runtime launches on the current device, not the tensors'
@@ -246,3 +252,33 @@ def codebook_mma_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Ten
         m, v, tiles, tokens, x.data_ptr(), x.stride(0), codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr(),
         _ptr(bias), out.data_ptr(), _ptr(partial), n, chunks, groups, chunks_per_group, splits), "codebook mma")
     return out
+
+
+def cuda_dequant_eligible(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                          dtype: torch.dtype) -> bool:
+    """Whether dequant.cu can rebuild this (already validated) layer's weight in ``dtype``."""
+    if codes.device.type != "cuda" or dtype not in _DTYPE_CODES or codes.dtype != torch.uint8:
+        return False
+    _n, _num_vectors, m = codes.shape
+    if (m, codebooks.shape[2]) not in CUDA_CONFIGS or codebooks.shape[1] != 256:
+        return False
+    if codebooks.dtype != torch.float16 or scales.dtype != torch.float16 or codebooks.data_ptr() % 16:
+        return False
+    return torch.cuda.get_device_capability(codes.device) >= (8, 0) and load_library(device_arch(codes.device)) is not None
+
+
+def dequantize_cuda(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype``, equal to ``reference.dequantize(..., float32).to(dtype)``.
+
+    The call must be :func:`cuda_dequant_eligible`; inputs contiguous. Returns a fresh tensor.
+    """
+    n, num_vectors, m = codes.shape
+    v = codebooks.shape[2]
+    groups = scales.shape[1]
+    weight = torch.empty(n, num_vectors * v, dtype=dtype, device=codes.device)
+    if weight.numel():
+        _launch("codegemm_dequant", weight, (
+            m, v, codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr(), weight.data_ptr(), n, num_vectors,
+            groups, num_vectors // groups), "dequantize")
+    return weight

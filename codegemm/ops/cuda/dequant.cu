@@ -1,0 +1,129 @@
+// Dense weight from codes, for the prefill path (more than 16 tokens: dequantize once, then cuBLAS):
+//     W[n, j * V + t] = scale[n, j / vectors_per_group] * sum_i codebooks[i, codes[n, j, i], t]
+// summed and scaled in fp32 and rounded once to the activations' dtype, i.e. exactly
+// codegemm.reference.dequantize(..., float32).to(dtype). m2v8 / m1v4 with 8-bit codes, fp16 codebooks and scales.
+//
+// Why CUDA: the job is a memory-bound pass (codes in, 2 bytes per weight out), and the Triton version's centroid
+// gathers from global memory cap it at ~1.1 TB/s. Here the codebook sits in shared memory replicated once per
+// lane of a memory phase (as in codebook_mma.cu), so the gathers are conflict-free; one lane per vector, so a
+// warp reads 32 vectors' code bytes contiguously and writes 32 x 16 (or 8) contiguous bytes.
+
+#include <stdint.h>
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int DQ_THREADS = 512;
+
+template <int M, int V, typename XT>
+__global__ void __launch_bounds__(DQ_THREADS) dequant_kernel(const uint8_t* __restrict__ codes,
+                                                             const __half* __restrict__ codebooks,
+                                                             const __half* __restrict__ scales, XT* __restrict__ out,
+                                                             int n_rows, int num_vectors, int groups,
+                                                             int vectors_per_group) {
+  static_assert((M == 2 && V == 8) || (M == 1 && V == 4), "m2v8 or m1v4");
+  constexpr int COPIES = V == 8 ? 8 : 16;  // lanes per shared-memory phase for 16- / 8-byte loads
+  extern __shared__ __align__(16) uint8_t cbs[];
+  for (int e = threadIdx.x; e < M * 256 * COPIES; e += DQ_THREADS) {
+    const int p = e % COPIES, idx = e / COPIES;
+    if constexpr (V == 8) {
+      reinterpret_cast<uint4*>(cbs)[idx * COPIES + p] = reinterpret_cast<const uint4*>(codebooks)[idx];
+    } else {
+      reinterpret_cast<uint2*>(cbs)[idx * COPIES + p] = reinterpret_cast<const uint2*>(codebooks)[idx];
+    }
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const uint8_t* cb_lane = cbs + (lane % COPIES) * V * 2;
+  const int warps = gridDim.x * (DQ_THREADS / 32);
+  for (int n = blockIdx.x * (DQ_THREADS / 32) + (threadIdx.x >> 5); n < n_rows; n += warps) {
+    const uint8_t* row_codes = codes + static_cast<size_t>(n) * num_vectors * M;
+    const __half* row_scales = scales + static_cast<size_t>(n) * groups;
+    XT* row_out = out + static_cast<size_t>(n) * num_vectors * V;
+#pragma unroll 4
+    for (int j = lane; j < num_vectors; j += 32) {
+      float w[V];
+      if constexpr (M == 2) {
+        const uint32_t two = *reinterpret_cast<const uint16_t*>(row_codes + 2 * j);
+        const uint4 a = *reinterpret_cast<const uint4*>(cb_lane + (two & 255u) * (COPIES * 16));
+        const uint4 b = *reinterpret_cast<const uint4*>(cb_lane + 256 * COPIES * 16 + (two >> 8) * (COPIES * 16));
+        const __half2* ha = reinterpret_cast<const __half2*>(&a);
+        const __half2* hb = reinterpret_cast<const __half2*>(&b);
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const float2 fa = __half22float2(ha[h]), fb = __half22float2(hb[h]);
+          w[2 * h] = fa.x + fb.x;
+          w[2 * h + 1] = fa.y + fb.y;
+        }
+      } else {
+        const uint2 a = *reinterpret_cast<const uint2*>(cb_lane + row_codes[j] * (COPIES * 8));
+        const __half2* ha = reinterpret_cast<const __half2*>(&a);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float2 fa = __half22float2(ha[h]);
+          w[2 * h] = fa.x;
+          w[2 * h + 1] = fa.y;
+        }
+      }
+      const float s = __half2float(row_scales[j / vectors_per_group]);
+      XT packed[V];
+#pragma unroll
+      for (int t = 0; t < V; ++t) packed[t] = from_float<XT>(w[t] * s);
+      if constexpr (V == 8) {
+        reinterpret_cast<uint4*>(row_out)[j] = *reinterpret_cast<const uint4*>(packed);
+      } else {
+        reinterpret_cast<uint2*>(row_out)[j] = *reinterpret_cast<const uint2*>(packed);
+      }
+    }
+  }
+}
+
+template <int M, int V, typename XT>
+int launch_dequant(const void* codes, const void* codebooks, const void* scales, void* out, int n_rows,
+                   int num_vectors, int groups, int vectors_per_group, cudaStream_t stream) {
+  constexpr int smem = M * 256 * (V == 8 ? 8 : 16) * V * 2;
+  auto kernel = dequant_kernel<M, V, XT>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  int device = 0, sms = 0, per_sm = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return static_cast<int>(err);
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
+    return static_cast<int>(err);
+  if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DQ_THREADS, smem)) != cudaSuccess)
+    return static_cast<int>(err);
+  const int rows_per_block = DQ_THREADS / 32;
+  const int grid = max(1, min((n_rows + rows_per_block - 1) / rows_per_block, sms * max(1, per_sm)));
+  kernel<<<grid, DQ_THREADS, smem, stream>>>(static_cast<const uint8_t*>(codes),
+                                             static_cast<const __half*>(codebooks), static_cast<const __half*>(scales),
+                                             static_cast<XT*>(out), n_rows, num_vectors, groups, vectors_per_group);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename XT>
+int dequant_config(int m, int v, const void* codes, const void* codebooks, const void* scales, void* out, int n_rows,
+                   int num_vectors, int groups, int vpg, cudaStream_t stream) {
+  if (m == 2 && v == 8)
+    return launch_dequant<2, 8, XT>(codes, codebooks, scales, out, n_rows, num_vectors, groups, vpg, stream);
+  if (m == 1 && v == 4)
+    return launch_dequant<1, 4, XT>(codes, codebooks, scales, out, n_rows, num_vectors, groups, vpg, stream);
+  return -1;
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 fp16, 1 bf16 (the output W). Returns a cudaError_t, or -1 for a config that is not compiled in.
+int codegemm_dequant(int dtype, int m, int v, const void* codes, const void* codebooks, const void* scales, void* out,
+                     int n_rows, int num_vectors, int groups, int vectors_per_group, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (dtype == 0)
+    return dequant_config<__half>(m, v, codes, codebooks, scales, out, n_rows, num_vectors, groups, vectors_per_group,
+                                  s);
+  if (dtype == 1)
+    return dequant_config<__nv_bfloat16>(m, v, codes, codebooks, scales, out, n_rows, num_vectors, groups,
+                                         vectors_per_group, s);
+  return -1;
+}
+}
