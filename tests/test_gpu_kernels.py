@@ -86,7 +86,7 @@ def test_dispatch_picks_gpu_kernels_on_cuda():
     assert select_kernel(DEVICE, config, 16, torch.bfloat16).name == "cuda_codebook_mma"
     assert select_kernel(DEVICE, CodebookConfig.from_name("m1v4g128"), 1, torch.float16).name == "cuda_codebook_mma"
     assert select_kernel(DEVICE, CodebookConfig.from_name("m2v4g128"), 16, torch.float16).name == "triton_psumbook"
-    assert select_kernel(DEVICE, config, 17, torch.float16).name == "triton_dequant_dense"
+    assert select_kernel(DEVICE, config, 17, torch.float16).name == "dequant_dense"
     assert select_kernel(DEVICE, config, 17, torch.float16, Backend.TRITON).name == "triton_dequant_gemm"
 
 
@@ -98,7 +98,7 @@ def test_prefill_dense_path_auto(k, n, name):
     codes, codebooks, scales = _random_layer(config, n, k)
     bias = torch.randn(n, device=DEVICE, dtype=torch.float16)
     for tokens in (17, 64, 128):
-        assert select_kernel(DEVICE, config, tokens, torch.float16).name == "triton_dequant_dense"
+        assert select_kernel(DEVICE, config, tokens, torch.float16).name == "dequant_dense"
         x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
         out = codebook_matmul(x, codes, codebooks, scales, bias, config)
         ref = reference.dense_matmul(x, codes, codebooks, scales, bias, torch.float64)

@@ -99,7 +99,7 @@ def test_dequantize_rejects_bad_input():
 def _dense_spec(tokens: int, dtype: torch.dtype):
     """The prefill kernel, forced: ``backend='cuda'`` (its matmul is cuBLAS); AUTO on CUDA picks it too."""
     spec = select_kernel(torch.device(DEVICE), CodebookConfig.from_name("m2v8g64"), tokens, dtype, Backend.CUDA)
-    assert spec.name.startswith("triton_dequant_dense")
+    assert spec.name.startswith("dequant_dense")
     return spec
 
 
@@ -124,7 +124,7 @@ def test_routing_keeps_the_fused_gemm_reachable():
     assert select_kernel(device, config, 17, torch.float16, Backend.TRITON).name.startswith("triton_dequant_gemm")
     assert _dense_spec(17, torch.float16).backend is Backend.CUDA
     if device.type == "cuda":
-        assert select_kernel(device, config, 17, torch.float16).name == "triton_dequant_dense"
+        assert select_kernel(device, config, 17, torch.float16).name == "dequant_dense"
         assert select_kernel(device, config, 16, torch.float16).name == "cuda_psumbook"
     else:
         assert select_kernel(device, config, 17, torch.float16).backend is Backend.CPU

@@ -6,7 +6,7 @@ flat in the token count, except one m2v8 token, where the CUDA Psumbook GEMV
 is faster (``MMA_MIN_TOKENS``); each op falls back to the next kernel inside
 when a call does not fit. Other configs take the Triton Psumbook kernel. More
 than 16 tokens (prefill) dequantize the weight into a temporary dense tensor
-(Triton) and multiply with cuBLAS (``triton_dequant_dense``, under
+(CUDA for m2v8/m1v4, Triton otherwise) and multiply with cuBLAS (``dequant_dense``, under
 ``backend="cuda"`` because its matmul is cuBLAS); ``backend="triton"`` keeps the
 all-Triton dequantize-in-registers GEMM (``triton_dequant_gemm``), which also
 takes the remaining 1-16-token calls (b > 8, m > 4). On the CPU the same kernels run
@@ -120,7 +120,7 @@ register_kernel(
 )
 register_kernel(
     KernelSpec(
-        "triton_dequant_dense",
+        "dequant_dense",
         Backend.CUDA,
         lambda dev, cfg, tokens, dtype: dev.type == "cuda" and _prefill_ok(tokens, dtype),
         _dequant_dense,
@@ -156,7 +156,7 @@ register_kernel(
 )
 register_kernel(
     KernelSpec(
-        "triton_dequant_dense_interpreted",
+        "dequant_dense_interpreted",
         Backend.CUDA,
         lambda dev, cfg, tokens, dtype: dev.type == "cpu" and interpreting() and _prefill_ok(tokens, dtype),
         _dequant_dense,
