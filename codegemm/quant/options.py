@@ -75,7 +75,8 @@ class QuantOptions:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": dict(beam_size=1, max_rounds=2, adam_steps=8, kmeans_iters=8, kmeans_points=1 << 15, finetune_epochs=0),
+    "fast": dict(beam_size=1, max_rounds=2, adam_steps=8, kmeans_iters=8, kmeans_points=1 << 15, finetune_epochs=0,
+                 global_epochs=1, global_lr=1e-4),
     "best": dict(beam_size=2, max_rounds=2, adam_steps=15, kmeans_iters=10, kmeans_points=1 << 15,
                  finetune_epochs=2, finetune_lr=2e-4, global_epochs=2, global_lr=1e-4),
 }
