@@ -79,7 +79,7 @@ __device__ __forceinline__ uint2 load_codes(const uint8_t* p) {
 // slot (4 u + q + 4 t) % 16 holding inputs 32 q + 8 u .. + 8 (the rotation by token keeps the two tokens of a
 // quarter warp on different banks).
 template <int M, int V>
-__host__ __device__ constexpr int codebook_bytes() { return M * 256 * (V == 8 ? 8 : 16) * (V * 2); }
+__host__ __device__ constexpr int codebook_bytes() { return M * 256 * codebook_copies<V>() * (V * 2); }
 
 template <int M, int V, int R, int NT, typename XT>
 __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebook_mma_kernel(
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
     int chunks_per_group, int chunks_per_split) {
   static_assert((M == 2 && V == 8) || (M == 1 && V == 4), "m2v8 or m1v4");
   using Tr = MmaTraits<XT>;
-  constexpr int COPIES = V == 8 ? 8 : 16;  // lanes per shared-memory phase for 16- / 8-byte loads
+  constexpr int COPIES = codebook_copies<V>();
   constexpr int CB_BYTES = codebook_bytes<M, V>();
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* cbs = smem;
@@ -99,20 +99,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   const int g = lane >> 2, q = lane & 3;
   const size_t row_bytes = static_cast<size_t>(num_chunks) * 32;
 
-  // Replicated codebook: centroid c of codebook i, copy p at byte ((i * 256 + c) * COPIES + p) * V * 2.
-  {
-    constexpr int UNITS = M * 256 * COPIES;
-    for (int e = tid; e < UNITS; e += MMA_THREADS) {
-      const int p = e % COPIES, idx = e / COPIES;
-      if constexpr (V == 8) {
-        reinterpret_cast<uint4*>(cbs)[idx * COPIES + p] = reinterpret_cast<const uint4*>(codebooks)[idx];
-      } else {
-        reinterpret_cast<uint2*>(cbs)[idx * COPIES + p] = reinterpret_cast<const uint2*>(codebooks)[idx];
-      }
-    }
-  }
-  __syncthreads();
-  const uint8_t* cb_lane = cbs + (lane % COPIES) * V * 2;
+  const uint8_t* cb_lane = replicate_codebook<M, V>(cbs, codebooks);
 
   // Persistent blocks: the codebook copy above is built once per block; the block then walks a contiguous
   // range of work items (row block, split of K), reloading x only when the split changes.

@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <stdint.h>
 
 namespace {
 
@@ -13,6 +14,28 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Lanes per shared-memory phase: 8 for 16-byte (v = 8) loads, 16 for 8-byte (v = 4) ones.
+template <int V>
+__host__ __device__ constexpr int codebook_copies() { return V == 8 ? 8 : 16; }
+
+// The fp16 codebook in shared memory, one copy per lane of a memory phase: centroid idx = i * 256 + c, copy p at
+// byte (idx * copies + p) * V * 2, so the lanes of a phase always hit distinct banks whatever the codes.
+// All threads call it; it ends with a barrier and returns this lane's base pointer (add code * copies * V * 2).
+template <int M, int V>
+__device__ __forceinline__ const uint8_t* replicate_codebook(uint8_t* cbs, const __half* codebooks) {
+  constexpr int COPIES = codebook_copies<V>();
+  for (int e = threadIdx.x; e < M * 256 * COPIES; e += blockDim.x) {
+    const int p = e % COPIES, idx = e / COPIES;
+    if constexpr (V == 8) {
+      reinterpret_cast<uint4*>(cbs)[idx * COPIES + p] = reinterpret_cast<const uint4*>(codebooks)[idx];
+    } else {
+      reinterpret_cast<uint2*>(cbs)[idx * COPIES + p] = reinterpret_cast<const uint2*>(codebooks)[idx];
+    }
+  }
+  __syncthreads();
+  return cbs + ((threadIdx.x & 31) % COPIES) * V * 2;
+}
 
 template <typename XT>
 __global__ void split_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,

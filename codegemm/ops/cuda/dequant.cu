@@ -23,19 +23,10 @@ __global__ void __launch_bounds__(DQ_THREADS) dequant_kernel(const uint8_t* __re
                                                              int n_rows, int num_vectors, int groups,
                                                              int vectors_per_group) {
   static_assert((M == 2 && V == 8) || (M == 1 && V == 4), "m2v8 or m1v4");
-  constexpr int COPIES = V == 8 ? 8 : 16;  // lanes per shared-memory phase for 16- / 8-byte loads
+  constexpr int COPIES = codebook_copies<V>();
   extern __shared__ __align__(16) uint8_t cbs[];
-  for (int e = threadIdx.x; e < M * 256 * COPIES; e += DQ_THREADS) {
-    const int p = e % COPIES, idx = e / COPIES;
-    if constexpr (V == 8) {
-      reinterpret_cast<uint4*>(cbs)[idx * COPIES + p] = reinterpret_cast<const uint4*>(codebooks)[idx];
-    } else {
-      reinterpret_cast<uint2*>(cbs)[idx * COPIES + p] = reinterpret_cast<const uint2*>(codebooks)[idx];
-    }
-  }
-  __syncthreads();
+  const uint8_t* cb_lane = replicate_codebook<M, V>(cbs, codebooks);
   const int lane = threadIdx.x & 31;
-  const uint8_t* cb_lane = cbs + (lane % COPIES) * V * 2;
   const int warps = gridDim.x * (DQ_THREADS / 32);
   for (int n = blockIdx.x * (DQ_THREADS / 32) + (threadIdx.x >> 5); n < n_rows; n += warps) {
     const uint8_t* row_codes = codes + static_cast<size_t>(n) * num_vectors * M;
@@ -82,7 +73,7 @@ __global__ void __launch_bounds__(DQ_THREADS) dequant_kernel(const uint8_t* __re
 template <int M, int V, typename XT>
 int launch_dequant(const void* codes, const void* codebooks, const void* scales, void* out, int n_rows,
                    int num_vectors, int groups, int vectors_per_group, cudaStream_t stream) {
-  constexpr int smem = M * 256 * (V == 8 ? 8 : 16) * V * 2;
+  constexpr int smem = M * 256 * codebook_copies<V>() * V * 2;
   auto kernel = dequant_kernel<M, V, XT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
