@@ -97,26 +97,28 @@ def device_arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
+def _layer_fits(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> bool:
+    """What every kernel of the library needs of a layer: a compiled config, fp16 tables, a GPU that runs it."""
+    if codes.device.type != "cuda" or dtype not in _DTYPE_CODES or codes.dtype != torch.uint8:
+        return False
+    if (codes.shape[2], codebooks.shape[2]) not in CUDA_CONFIGS or codebooks.shape[1] != 256:
+        return False
+    if codebooks.dtype != torch.float16 or scales.dtype != torch.float16 or codebooks.data_ptr() % 16:
+        return False
+    return torch.cuda.get_device_capability(codes.device) >= (8, 0) and load_library(device_arch(codes.device)) is not None
+
+
 def cuda_psumbook_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                            bias: torch.Tensor | None) -> bool:
     """Whether this (already validated) call fits the compiled kernel's assumptions."""
-    if x.device.type != "cuda" or x.dtype not in _DTYPE_CODES or not 1 <= x.shape[0] <= MAX_TOKENS:
+    if not 1 <= x.shape[0] <= MAX_TOKENS or (bias is not None and bias.dtype != x.dtype):
         return False
     _n, num_vectors, m = codes.shape
-    v = codebooks.shape[2]
-    if (m, v) not in CUDA_CONFIGS or codebooks.shape[1] != 256 or codes.dtype != torch.uint8:
-        return False
-    if codebooks.dtype != torch.float16 or scales.dtype != torch.float16:
-        return False
-    if bias is not None and bias.dtype != x.dtype:
-        return False
     vectors_per_chunk = 32 // m
     groups = scales.shape[1]
     if num_vectors % vectors_per_chunk or (groups > 1 and (num_vectors // groups) % vectors_per_chunk):
         return False
-    if codes.data_ptr() % 16 or codebooks.data_ptr() % 16:
-        return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 0) and load_library(device_arch(x.device)) is not None
+    return codes.data_ptr() % 16 == 0 and _layer_fits(codes, codebooks, scales, x.dtype)
 
 
 def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.device) -> tuple[int, int]:
@@ -218,10 +220,14 @@ def plan_mma(tokens: int, n: int, k: int, device: torch.device) -> tuple[int, in
     """
     from codegemm.ops.triton_psumbook import sm_count
 
-    chunks = k // MMA_CHUNK_INPUTS
     tiles = int(os.environ.get("CODEGEMM_MMA_TILES", "0")) or 1  # one 16-row tile per warp won on an H200
-    row_blocks = -(-n // (_MMA_ROWS_PER_BLOCK_TILE * tiles))
     resident = (2 if tokens <= 8 else 1) * sm_count(device)
+    return tiles, _best_mma_splits(tokens, -(-n // (_MMA_ROWS_PER_BLOCK_TILE * tiles)), k // MMA_CHUNK_INPUTS, resident)
+
+
+@functools.lru_cache(maxsize=4096)
+def _best_mma_splits(tokens: int, row_blocks: int, chunks: int, resident: int) -> int:
+    """The split search of :func:`plan_mma`, cached: it runs once per layer shape, not once per call."""
     best: tuple[int, int] | None = None
     for splits in range(_min_mma_splits(chunks, tokens), chunks + 1):
         per_split = -(-chunks // splits)
@@ -229,7 +235,7 @@ def plan_mma(tokens: int, n: int, k: int, device: torch.device) -> tuple[int, in
         cost = -(-items // min(items, resident)) * (per_split + 1)
         if best is None or cost < best[0]:
             best = (cost, splits)
-    return tiles, best[1] if best else 1
+    return best[1] if best else 1
 
 
 def codebook_mma_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -257,14 +263,7 @@ def codebook_mma_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Ten
 def cuda_dequant_eligible(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                           dtype: torch.dtype) -> bool:
     """Whether dequant.cu can rebuild this (already validated) layer's weight in ``dtype``."""
-    if codes.device.type != "cuda" or dtype not in _DTYPE_CODES or codes.dtype != torch.uint8:
-        return False
-    _n, _num_vectors, m = codes.shape
-    if (m, codebooks.shape[2]) not in CUDA_CONFIGS or codebooks.shape[1] != 256:
-        return False
-    if codebooks.dtype != torch.float16 or scales.dtype != torch.float16 or codebooks.data_ptr() % 16:
-        return False
-    return torch.cuda.get_device_capability(codes.device) >= (8, 0) and load_library(device_arch(codes.device)) is not None
+    return _layer_fits(codes, codebooks, scales, dtype)
 
 
 def dequantize_cuda(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
