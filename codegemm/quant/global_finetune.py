@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -96,6 +96,14 @@ def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> tor
     return logits
 
 
+def _kl_sum(head: nn.Module, teacher: torch.Tensor, student: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``Σ KL(teacher || student)`` over the rows of two hidden-state chunks; gradients reach ``student`` only."""
+    with torch.no_grad():
+        target = torch.log_softmax(_logits(head, teacher, softcap), -1)
+    logq = torch.log_softmax(_logits(head, student, softcap), -1)
+    return (target.exp() * (target - logq)).sum()
+
+
 def kl_backward(head: nn.Module, student: torch.Tensor, teacher: torch.Tensor, softcap: float | None,
                 row_chunk: int = ROW_CHUNK, scale: float = 1.0) -> float:
     """``Σ_tokens KL(teacher || student) * scale`` over ``[T, D]`` hidden states; backpropagates into ``student``.
@@ -107,10 +115,7 @@ def kl_backward(head: nn.Module, student: torch.Tensor, teacher: torch.Tensor, s
     leaf = student.detach().requires_grad_(True)
     total = 0.0
     for start in range(0, student.shape[0], row_chunk):
-        with torch.no_grad():
-            target = torch.log_softmax(_logits(head, teacher[start : start + row_chunk], softcap), -1)
-        logq = torch.log_softmax(_logits(head, leaf[start : start + row_chunk], softcap), -1)
-        loss = (target.exp() * (target - logq)).sum() * scale
+        loss = _kl_sum(head, teacher[start : start + row_chunk], leaf[start : start + row_chunk], softcap) * scale
         loss.backward()
         total += float(loss.detach())
     student.backward(leaf.grad)
@@ -128,9 +133,7 @@ def mean_kl(model: nn.Module, samples: torch.Tensor, teacher: torch.Tensor, row_
             hidden = body(input_ids=samples[row : row + 1].to(device), use_cache=False)[0][0]
             ref = teacher[row].to(device)
             for start in range(0, hidden.shape[0], row_chunk):
-                p = torch.log_softmax(_logits(head, ref[start : start + row_chunk], softcap), -1)
-                q = torch.log_softmax(_logits(head, hidden[start : start + row_chunk], softcap), -1)
-                total += float((p.exp() * (p - q)).sum())
+                total += float(_kl_sum(head, ref[start : start + row_chunk], hidden[start : start + row_chunk], softcap))
             tokens += hidden.shape[0]
     return total / max(1, tokens)
 
