@@ -3,6 +3,7 @@
 #   bash scripts/gpu_check.sh            # tests, memcheck, kernel benchmark (table printed last)
 #   STEPS="tests bench" bash scripts/gpu_check.sh
 #   STEPS="gen-tests gen-cli decode decode70b" bash scripts/gpu_check.sh   # generation tests, CLI, decode benchmarks
+#   STEPS=quant-best bash scripts/gpu_check.sh   # the quantizer's best preset timed on the GPU
 # Wheels in .whl/ (e.g. aqlm, for the benchmark's peer kernels) are installed to /tmp/site first.
 # Logs and JSON go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
@@ -61,6 +62,10 @@ PY
     echo "== kernel benchmark"
     python3 -m codegemm.cli.main bench kernels --json "$OUT/kernels.json" ${BENCH_ARGS:-} \
       2>&1 | tee "$OUT/bench.log" || status=1
+    ;;
+  quant-best)
+    echo "== quantizer: best preset on one GPU (Gemma 3 270M architecture, random weights)"
+    python3 scripts/time_quantize.py "$OUT/quant_best.json" 2>&1 | tee "$OUT/quant_best.log" | tail -n 3 || status=1
     ;;
   gen-tests)
     echo "== generation GPU tests (compiled, graph-replayed decode step)"

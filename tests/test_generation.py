@@ -233,6 +233,8 @@ def test_architecture_configs_are_llama3():
     big = architecture_config("llama3-70b")
     assert (big.hidden_size, big.num_hidden_layers, big.num_key_value_heads, big.vocab_size) == (8192, 80, 8, 128256)
     assert architecture_config("llama3-8b", num_layers=3).num_hidden_layers == 3
+    gemma = architecture_config("gemma3-270m", num_layers=2)  # per-layer attention kinds follow the depth
+    assert gemma.num_hidden_layers == 2 and len(gemma.layer_types) == 2
 
 
 def test_arch_from_config_json(tmp_path):

@@ -109,6 +109,9 @@ def architecture_config(arch: str, num_layers: int | None = None):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ConfigError(f"num_layers must be a positive int; got {num_layers!r}")
         fields["num_hidden_layers"] = num_layers
+        if "layer_types" in fields:  # per-layer attention kinds must match the depth
+            kinds = fields["layer_types"]
+            fields["layer_types"] = [kinds[i % len(kinds)] for i in range(num_layers)]
     model_type = fields.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **fields)
