@@ -129,8 +129,13 @@ def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.devic
     rpt, lanes = (4, 2) if tokens == 1 else (2, 1)
     blocks = -(-n // (_THREADS // lanes * rpt))
     chunks = num_vectors // (32 // m)
-    # Measured on an H200 (docs/KERNELS.md): one or two chunks per block wins; the smem gathers are the
-    # limiter and many small blocks keep every SM's shared-memory pipe busy.
+    if tokens == 1:
+        # Swept on an H200 for v8 (docs/KERNELS.md): one chunk per block while that gives at most two blocks
+        # per SM, else two chunks per block (1, 2, 3, 4, 6, 8, 16 tried on every benchmark shape).
+        per_split = 1 if blocks * chunks <= 2 * sm_count(device) else 2
+        return rpt, -(-chunks // per_split)
+    # Measured on an H200 for v3 (docs/KERNELS.md): one or two chunks per block wins; many small blocks keep
+    # every SM's shared-memory pipe busy.
     target = 16 * sm_count(device)
     splits = max(1, min(chunks, -(-target // blocks)))
     return rpt, splits

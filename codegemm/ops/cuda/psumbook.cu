@@ -50,13 +50,17 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
     const __half* __restrict__ codebooks, const __half* __restrict__ scales, const XT* __restrict__ bias,
     XT* __restrict__ out, float* __restrict__ partial, int n_rows, int num_vectors, int groups,
     int vectors_per_group, int chunks_per_split) {
-  static_assert(THREADS == 2 * CENTROIDS && (M == 1 || M == 2), "one centroid of one codebook per thread");
+  static_assert(THREADS == 2 * CENTROIDS && (M == 1 || M == 2), "16 warps build 16 centroids each");
   constexpr int JT = 32 / M;
   constexpr int KT = JT * V;
   constexpr int ENTRIES = 32 * CENTROIDS;
   extern __shared__ __align__(16) float smem[];
-  float* psum = smem;           // [32][256]: entry (q = j * M + i, c)
-  float* xs = psum + ENTRIES;   // [MAXT][KT]
+  // Codebook i starts at i * CB_STRIDE floats: the 4-float pad puts the builders' two broadcast reads of
+  // centroid c (one per codebook) in different banks.
+  constexpr int CB_STRIDE = CENTROIDS * V + 4;
+  float* psum = smem;                  // [256][32]: entry (c, q = j * M + i) at c * 32 + q
+  float* cbs = psum + ENTRIES;         // [M][CB_STRIDE] fp32 codebooks
+  float* xs = cbs + M * CB_STRIDE;     // [MAXT][KT]
 
   const int tid = threadIdx.x;
   // Row role: LANES lanes per row, each with 32 / LANES of its code bytes per chunk. With two, one
@@ -74,20 +78,21 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   const int chunk_hi = min(chunk_lo + chunks_per_split, num_chunks);
   const size_t row_bytes = static_cast<size_t>(num_vectors) * M;
 
-  // Psumbook builder role: this thread computes centroid c of codebook q0 % M for every vector of a chunk,
-  // so its centroid lives in registers for the whole kernel.
-  const int cent = tid % CENTROIDS;
-  const int q0 = tid / CENTROIDS;
-  float centroid[V];
-  {
-    const __half2* cv = reinterpret_cast<const __half2*>(codebooks + ((q0 % M) * CENTROIDS + cent) * V);
-#pragma unroll
-    for (int h = 0; h < V / 2; ++h) {
-      const float2 f = __half22float2(cv[h]);
-      centroid[2 * h] = f.x;
-      centroid[2 * h + 1] = f.y;
-    }
+  // Psumbook builder role: lane q of warp w computes table q's entries for the centroids
+  // c = w * 16 ... w * 16 + 15, so a warp's 32 stores per step fill 32 distinct banks.
+  const int bq = tid & 31;
+  const int bc0 = (tid >> 5) * (CENTROIDS / (THREADS / 32));
+  const float* my_book = cbs + (bq % M) * CB_STRIDE;
+  for (int e = tid; e < M * CENTROIDS * V; e += THREADS) {
+    const int book = e / (CENTROIDS * V);
+    cbs[book * CB_STRIDE + e % (CENTROIDS * V)] = __half2float(codebooks[e]);
   }
+
+  // Gather role: this lane's tables are H ^ s (s = 0 .. CODES - 1), distinct across the warp's lanes.
+  const int perm = (tid / LANES) % CODES;
+  const uint32_t table_base = static_cast<uint32_t>(half * CODES + perm);
+  // byte_perm selector that maps byte b of a word to byte b ^ (perm & 3)
+  const uint32_t byte_sel = 0x3210u ^ (0x1111u * static_cast<uint32_t>(perm & 3));
 
   float acc[RPT][MAXT];
 #pragma unroll
@@ -95,13 +100,14 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) acc[r][t] = 0.f;
 
-  // Software pipeline: the next chunk's codes, scales and activations are in flight while this one is
-  // built and gathered, so a block that walks several chunks hides the global-load latency.
+  // The chunk's codes and scales are loaded before its Psumbook is built, so their latency hides behind the
+  // build; the next chunk's activations are prefetched. (v3-v5 also prefetched the next chunk's codes: worth
+  // 1.5%, and the registers it held made the one-token plan spill.)
   constexpr int XPT = (MAXT * KT + THREADS - 1) / THREADS;
-  uint32_t word[RPT][WORDS], next_word[RPT][WORDS];
-  float scale[RPT], next_scale[RPT];
-  XT xr[XPT], next_xr[XPT];
-  auto fetch = [&](int chunk, uint32_t (&w)[RPT][WORDS], float (&sc)[RPT], XT (&xv)[XPT]) {
+  uint32_t word[RPT][WORDS];
+  float scale[RPT];
+  XT xr[XPT];
+  auto fetch_codes = [&](int chunk) {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int n = row0 + r * PAIRS + pair;
@@ -110,23 +116,45 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
 #pragma unroll
         for (int u = 0; u < WORDS / 4; ++u) {
           const uint4 a = load_stream(p + u);
-          w[r][4 * u] = a.x; w[r][4 * u + 1] = a.y; w[r][4 * u + 2] = a.z; w[r][4 * u + 3] = a.w;
+          word[r][4 * u] = a.x; word[r][4 * u + 1] = a.y; word[r][4 * u + 2] = a.z; word[r][4 * u + 3] = a.w;
         }
-        sc[r] = __half2float(scales[static_cast<size_t>(n) * groups + (chunk * JT) / vectors_per_group]);
+        scale[r] = __half2float(scales[static_cast<size_t>(n) * groups + (chunk * JT) / vectors_per_group]);
       } else {
 #pragma unroll
-        for (int k = 0; k < WORDS; ++k) w[r][k] = 0u;
-        sc[r] = 0.f;
+        for (int k = 0; k < WORDS; ++k) word[r][k] = 0u;
+        scale[r] = 0.f;
       }
     }
+  };
+  auto fetch_x = [&](int chunk) {
 #pragma unroll
     for (int u = 0; u < XPT; ++u) {
       const int i = tid + u * THREADS;
       const int t = i / KT, k = i - t * KT;
-      if (t < tokens) xv[u] = x[static_cast<size_t>(t) * stride_x + static_cast<size_t>(chunk) * KT + k];
+      if (t < tokens) xr[u] = x[static_cast<size_t>(t) * stride_x + static_cast<size_t>(chunk) * KT + k];
     }
   };
-  if (chunk_lo < chunk_hi) fetch(chunk_lo, word, scale, xr);
+  // Byte s of a lane's codes <- byte s ^ perm: the code of table H ^ s sits where gather step s reads it.
+  // Applied after the Psumbook build, by when the loads have landed.
+  auto permute = [&](uint32_t (&w)[RPT][WORDS]) {
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+#pragma unroll
+      for (int bit = 1; bit < WORDS; bit <<= 1) {
+        const bool swap = ((perm >> 2) & bit) != 0;
+#pragma unroll
+        for (int k = 0; k < WORDS; ++k) {
+          if (k & bit) continue;
+          const uint32_t lo = w[r][k], hi = w[r][k | bit];
+          w[r][k] = swap ? hi : lo;
+          w[r][k | bit] = swap ? lo : hi;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < WORDS; ++k) w[r][k] = __byte_perm(w[r][k], 0u, byte_sel);
+    }
+  };
+  if (chunk_lo < chunk_hi) fetch_x(chunk_lo);
 
   for (int chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
     __syncthreads();  // the previous chunk's readers of xs and psum are done
@@ -135,50 +163,59 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
       const int i = tid + u * THREADS;
       if (i < tokens * KT) xs[i] = to_float(xr[u]);
     }
-    if (chunk + 1 < chunk_hi) fetch(chunk + 1, next_word, next_scale, next_xr);
+    if (chunk + 1 < chunk_hi) fetch_x(chunk + 1);
+    fetch_codes(chunk);
     __syncthreads();
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) {
       if (t >= tokens) break;
       if (t > 0) __syncthreads();  // token t-1's gathers are done
-      const float* xt = xs + t * KT;
-#pragma unroll
-      for (int k = 0; k < 16; ++k) {
-        const int q = 2 * k + q0;
-        const int j = M == 2 ? k : q;
-        const float4* xv = reinterpret_cast<const float4*>(xt + j * V);
-        float s = 0.f;
+      {
+        float xj[V];  // this builder's v-slice of the activations (vector j = q / M)
+        const float4* xv = reinterpret_cast<const float4*>(xs + t * KT + (bq / M) * V);
 #pragma unroll
         for (int h = 0; h < V / 4; ++h) {
           const float4 xx = xv[h];
-          s = fmaf(centroid[4 * h], xx.x, s);
-          s = fmaf(centroid[4 * h + 1], xx.y, s);
-          s = fmaf(centroid[4 * h + 2], xx.z, s);
-          s = fmaf(centroid[4 * h + 3], xx.w, s);
+          xj[4 * h] = xx.x; xj[4 * h + 1] = xx.y; xj[4 * h + 2] = xx.z; xj[4 * h + 3] = xx.w;
         }
-        psum[q * CENTROIDS + cent] = s;
+#pragma unroll 2
+        for (int k = 0; k < CENTROIDS / (THREADS / 32); ++k) {
+          const int c = bc0 + k;
+          const float4* cv = reinterpret_cast<const float4*>(my_book + c * V);
+          float s = 0.f;
+#pragma unroll
+          for (int h = 0; h < V / 4; ++h) {
+            const float4 cc = cv[h];
+            s = fmaf(cc.x, xj[4 * h], s);
+            s = fmaf(cc.y, xj[4 * h + 1], s);
+            s = fmaf(cc.z, xj[4 * h + 2], s);
+            s = fmaf(cc.w, xj[4 * h + 3], s);
+          }
+          psum[c * 32 + bq] = s;
+        }
       }
       __syncthreads();
+      if (t == 0) permute(word);
+      const char* pb = reinterpret_cast<const char*>(psum);
+      // An opaque copy: the 16-32 table offsets below are then formed where they are used instead of
+      // being hoisted out of the chunk loop into registers (which spilled at 64 registers per thread).
+      uint32_t tbase;
+      asm volatile("mov.b32 %0, %1;" : "=r"(tbase) : "r"(table_base * 4u));
+      float sum[RPT];
 #pragma unroll
-      for (int r = 0; r < RPT; ++r) {
-        const float* table = psum + half * CODES * CENTROIDS;
-        float s0 = 0.f, s1 = 0.f;
+      for (int r = 0; r < RPT; ++r) sum[r] = 0.f;
 #pragma unroll
-        for (int q = 0; q < CODES; q += 2) {
-          s0 += table[q * CENTROIDS + ((word[r][q >> 2] >> ((q & 3) * 8)) & 255u)];
-          s1 += table[(q + 1) * CENTROIDS + ((word[r][(q + 1) >> 2] >> (((q + 1) & 3) * 8)) & 255u)];
+      for (int q = 0; q < CODES; ++q) {
+        const uint32_t toff = tbase ^ static_cast<uint32_t>(4 * q);  // table H ^ q: bank H ^ q
+#pragma unroll
+        for (int r = 0; r < RPT; ++r) {
+          const uint32_t code = (word[r][q >> 2] >> ((q & 3) * 8)) & 255u;
+          sum[r] += *reinterpret_cast<const float*>(pb + (code * 128u + toff));
         }
-        acc[r][t] = fmaf(s0 + s1, scale[r], acc[r][t]);
       }
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) acc[r][t] = fmaf(sum[r], scale[r], acc[r][t]);
     }
-#pragma unroll
-    for (int r = 0; r < RPT; ++r) {
-      scale[r] = next_scale[r];
-#pragma unroll
-      for (int k = 0; k < WORDS; ++k) word[r][k] = next_word[r][k];
-    }
-#pragma unroll
-    for (int u = 0; u < XPT; ++u) xr[u] = next_xr[u];
   }
 
 #pragma unroll
@@ -205,7 +242,7 @@ int launch_psumbook(const void* x, int tokens, int stride_x, const void* codes, 
                     const void* scales, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
                     int groups, int vectors_per_group, int splits, cudaStream_t stream) {
   constexpr int JT = 32 / M;
-  const int smem = (32 * CENTROIDS + MAXT * JT * V) * 4;
+  const int smem = (32 * CENTROIDS + M * (CENTROIDS * V + 4) + MAXT * JT * V) * 4;
   auto kernel = psumbook_kernel<M, V, RPT, MAXT, LANES, XT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
