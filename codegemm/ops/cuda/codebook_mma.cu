@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   const int g = lane >> 2, q = lane & 3;
   const size_t row_bytes = static_cast<size_t>(num_chunks) * 32;
 
-  const uint8_t* cb_lane = replicate_codebook<M, V>(cbs, codebooks);
+  const uint8_t* cb_lane = replicate_codebook<M, V, MMA_THREADS>(cbs, codebooks);
 
   // Persistent blocks: the codebook copy above is built once per block; the block then walks a contiguous
   // range of work items (row block, split of K), reloading x only when the split changes.

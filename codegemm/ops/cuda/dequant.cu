@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(DQ_THREADS) dequant_kernel(const uint8_t* __re
   static_assert((M == 2 && V == 8) || (M == 1 && V == 4), "m2v8 or m1v4");
   constexpr int COPIES = codebook_copies<V>();
   extern __shared__ __align__(16) uint8_t cbs[];
-  const uint8_t* cb_lane = replicate_codebook<M, V>(cbs, codebooks);
+  const uint8_t* cb_lane = replicate_codebook<M, V, DQ_THREADS>(cbs, codebooks);
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (DQ_THREADS / 32);
   for (int n = blockIdx.x * (DQ_THREADS / 32) + (threadIdx.x >> 5); n < n_rows; n += warps) {

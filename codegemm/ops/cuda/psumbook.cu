@@ -83,9 +83,12 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   const int bq = tid & 31;
   const int bc0 = (tid >> 5) * (CENTROIDS / (THREADS / 32));
   const float* my_book = cbs + (bq % M) * CB_STRIDE;
-  for (int e = tid; e < M * CENTROIDS * V; e += THREADS) {
-    const int book = e / (CENTROIDS * V);
-    cbs[book * CB_STRIDE + e % (CENTROIDS * V)] = __half2float(codebooks[e]);
+  static_assert((M * CENTROIDS * V / 2) % THREADS == 0, "whole rounds of the codebook copy");
+#pragma unroll
+  for (int e = tid; e < M * CENTROIDS * V / 2; e += THREADS) {  // unrolled: all loads in flight at once
+    const int book = e / (CENTROIDS * V / 2);
+    const float2 f = __half22float2(reinterpret_cast<const __half2*>(codebooks)[e]);
+    *reinterpret_cast<float2*>(cbs + book * CB_STRIDE + 2 * (e % (CENTROIDS * V / 2))) = f;
   }
 
   // Gather role: this lane's tables are H ^ s (s = 0 .. CODES - 1), distinct across the warp's lanes.
