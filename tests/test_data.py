@@ -81,3 +81,30 @@ def test_short_calibration_text_overlaps_or_fails():
 def test_eval_tokens_use_the_held_out_split():
     tok = byte_tokenizer()
     assert torch.equal(eval_tokens(None, tok), tokenize(offline_text("eval"), tok))
+
+
+def test_hub_datasets_are_requested_and_joined_as_documented(monkeypatch):
+    """The online names go through `datasets.load_dataset` (faked here: CI has no internet)."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None, data_files=None):
+        calls.append((path, name, split, data_files))
+        return {"text": [" = Title = \n", " body line \n", ""]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert load_text("wikitext2", "calib") == " = Title = \n\n\n body line \n\n\n"
+    assert load_text("WikiText2", "eval") == " = Title = \n body line \n"  # the papers' test-set protocol
+    assert load_text("c4", "eval") == " = Title = \n\n\n body line \n\n\n"
+    assert calls[0][:3] == ("wikitext", "wikitext-2-raw-v1", "train")
+    assert calls[1][2] == "test"
+    assert calls[2][0] == "allenai/c4" and calls[2][2] == "validation" and "validation" in calls[2][3]
+
+    def failing(*_args, **_kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=failing))
+    with pytest.raises(DataError, match="could not load 'c4'.*ConnectionError"):
+        load_text("c4")
