@@ -3,11 +3,14 @@
 // One thread block (512 threads, one or two lanes per row) owns 512 / LANES * RPT output rows and a
 // contiguous range of K chunks (a split of K).
 // A chunk is the 32 code bytes of each row that cover JT = 32 / M vectors (JT * V inputs, inside one
-// scale group). Per chunk and token the block builds the Psumbook in shared memory,
-//     psum[(j * M + i) * 256 + c] = <codebooks[i, c, :], x[t, (chunk * JT + j) * V : ... + V]>   (fp32),
-// then each lane, which holds its share of its rows' 32 code bytes in registers (16-byte streaming loads),
-// gathers one entry per code, sums them in fp32 and scales by the row's group scale; with two lanes per
-// row, one shuffle at the end adds the halves.
+// scale group). Per chunk and token the block builds the Psumbook in shared memory, table-minor,
+//     psum[c * 32 + q] = <codebooks[i, c, :], x[t, (chunk * JT + j) * V : ... + V]>   (fp32, q = j * M + i),
+// so table q lives in bank q whatever the code c. Each lane holds its share of its rows' 32 code bytes in
+// registers (16-byte streaming loads) and gathers one entry per code; at step s it reads table H ^ s, where
+// H differs across the 32 lanes of a warp, so a warp's 32 gathers hit 32 distinct banks (v8; random codes
+// used to cost ~3.5 shared-memory wavefronts per warp-wide gather). The lane's code bytes are permuted once
+// per chunk (byte s <- byte s ^ H) to match. Entries are summed in fp32 and scaled by the row's group
+// scale; with two lanes per row, one shuffle at the end adds the halves.
 // Splits write fp32 partials that codegemm_split_reduce sums in split order: bit-identical results.
 // Built at first use by codegemm/ops/cuda/__init__.py (nvcc -> shared library, called through ctypes).
 
