@@ -65,3 +65,13 @@ def test_plan_fills_the_gpu_within_the_chunks(tokens):
         if tokens == 1:  # one or two chunks per block
             chunks = k // 8 // 16
             assert splits in (chunks, -(-chunks // 2))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cuda._nvcc() is None, reason="needs nvcc")
+def test_built_library_loads_and_declares_its_entry_points(tmp_path, monkeypatch):
+    """nvcc builds the kernels without a GPU; the library then loads and answers through ctypes."""
+    monkeypatch.setenv("CODEGEMM_CUDA_CACHE", str(tmp_path))
+    lib = cuda.bind_library(cuda.build("sm_90"))
+    assert lib.codegemm_error_string(0) == b"no error"
+    assert lib.codegemm_psumbook.argtypes == lib.codegemm_codebook_mma.argtypes

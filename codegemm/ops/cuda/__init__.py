@@ -75,11 +75,16 @@ def load_library(arch: str) -> ctypes.CDLL | None:
     if os.environ.get("CODEGEMM_DISABLE_CUDA", "0") not in ("", "0"):
         return None
     try:
-        lib = ctypes.CDLL(str(build(arch)))
+        return bind_library(build(arch))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or ""
         logger.warning("CUDA Psumbook kernel unavailable, using Triton: %s %s", err, detail[-2000:])
         return None
+
+
+def bind_library(path: str | os.PathLike) -> ctypes.CDLL:
+    """Load a built library and declare its entry points (also used by scripts that A/B kernel builds)."""
+    lib = ctypes.CDLL(str(path))
     lib.codegemm_psumbook.restype = ctypes.c_int
     lib.codegemm_psumbook.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
         ctypes.c_int] * 5 + [ctypes.c_void_p]
