@@ -46,6 +46,9 @@ class CodeGEMMLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # Set by codegemm.siblings.fuse_siblings: the group whose launch also computes this layer.
+        self._siblings = None
+        self._sibling_index = 0
 
     @classmethod
     def from_unpacked(
@@ -135,7 +138,9 @@ class CodeGEMMLinear(nn.Module):
             bias = None if self.bias is None else self.bias.float()
             out = torch.nn.functional.linear(x2.float(), weight, bias).to(x.dtype)
         else:
-            out = codebook_matmul(x2, self.codes, self.codebooks, self.scales, self.bias, self.config, self.backend)
+            out = None if self._siblings is None else self._siblings.matmul(self._sibling_index, x, x2)
+            if out is None:
+                out = codebook_matmul(x2, self.codes, self.codebooks, self.scales, self.bias, self.config, self.backend)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -24,7 +24,7 @@ for step in $STEPS; do
   case "$step" in
   tests)
     echo "== GPU tests"
-    python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu_kernels.py tests/test_triton_kernels.py \
+    python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu_kernels.py tests/test_grouped_gpu.py tests/test_triton_kernels.py \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30 || status=1
     ;;
   memcheck)
@@ -46,6 +46,14 @@ for name, n, k in [("m2v8g128", 300, 384), ("m1v4g128", 77, 256), ("m3b6v8g24", 
             x = torch.randn(tokens, k, device="cuda", dtype=dtype)
             bias = torch.randn(n, device="cuda", dtype=dtype) if tokens % 2 else None
             codebook_matmul(x, codes, books, scales, bias, cfg)
+from codegemm.ops.dispatch import grouped_matmul
+cfg = CodebookConfig.from_name("m2v8g128")
+for sizes, k in [((2048, 1024, 1024), 1024), ((1024, 256, 256), 512), ((3072, 2048), 256)]:
+    layers = [(torch.randint(0, 256, (n, k // 8, 2), device="cuda", dtype=torch.int32).to(torch.uint8),
+               torch.randn(2, 256, 8, device="cuda").half(), torch.rand(n, k // 128, device="cuda").half())
+              for n in sizes]
+    for tokens in (1, 3, 16):
+        grouped_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16), layers, None, cfg)
 torch.cuda.synchronize()
 print("memcheck sweep ran")
 PY
@@ -89,7 +97,7 @@ PY
   decode)
     echo "== decode benchmark: Llama-3-8B architecture, batch 1/4/16 (DECODE_ARGS adds or overrides flags)"
     python3 -m codegemm.cli.main bench decode --arch llama3-8b --config m2v8g128 --batch 1 --batch 4 --batch 16 \
-      --prompt 128 --tokens 256 --backends fp16,codegemm,aqlm --json "$OUT/decode_8b.json" ${DECODE_ARGS:-} \
+      --prompt 128 --tokens 256 --backends "${DECODE_BACKENDS:-fp16,codegemm,codegemm-separate,aqlm}" --json "$OUT/decode_8b.json" ${DECODE_ARGS:-} \
       2>&1 | tee "$OUT/decode_8b.log" | grep -v "^[0-9:]* WARNING" || status=1
     ;;
   decode70b)

@@ -27,11 +27,13 @@ logger = logging.getLogger(__name__)
 
 FP16 = "fp16"
 CODEGEMM = "codegemm"
+CODEGEMM_SEPARATE = "codegemm-separate"
+"""The codegemm model with its q/k/v and gate/up launched one layer at a time (the A/B of siblings grouping)."""
 AQLM_FORMATS: dict[str, CodebookConfig] = {
     "aqlm-2x8": CodebookConfig(num_codebooks=2, nbits=8, vec_len=8, group_size=None),
     "aqlm-1x16": CodebookConfig(num_codebooks=1, nbits=16, vec_len=8, group_size=None),
 }
-BACKENDS = (FP16, CODEGEMM, *AQLM_FORMATS)
+BACKENDS = (FP16, CODEGEMM, CODEGEMM_SEPARATE, *AQLM_FORMATS)
 ALIASES = {"aqlm": tuple(AQLM_FORMATS)}
 
 _ALL_LINEARS = "re:."
@@ -67,7 +69,7 @@ def aqlm_available() -> str | None:
 def _codebook_config(backend: str, config: CodebookConfig) -> CodebookConfig | None:
     if backend == FP16:
         return None
-    if backend == CODEGEMM:
+    if backend in (CODEGEMM, CODEGEMM_SEPARATE):
         return config
     return AQLM_FORMATS[backend]
 

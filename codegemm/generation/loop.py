@@ -26,6 +26,7 @@ from codegemm.errors import ConfigError, DTypeError, RangeError, ShapeError, Uns
 from codegemm.generation.attention import decode_attention_enabled, supports_decode_attention
 from codegemm.generation.cache import forward_parameters, make_static_cache, replay_safe, text_config
 from codegemm.generation.sampling import SamplingParams, select_next
+from codegemm.siblings import fuse_siblings
 
 _LOG = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ class FastGenerator:
     ``compile``/``cuda_graph`` default to on for CUDA models and off on CPU.
     ``decode_attention`` (default: on wherever it applies) makes the captured
     step attend only over the filled cache slots (:mod:`codegemm.generation.attention`).
+    ``group_siblings`` (default on) groups the model's quantized q/k/v and gate/up projections so that
+    each set runs as one kernel launch where a grouped kernel fits (:mod:`codegemm.siblings`; this marks
+    the model's layers, :func:`codegemm.siblings.unfuse_siblings` undoes it).
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class FastGenerator:
         compile: bool | None = None,
         cuda_graph: bool | None = None,
         decode_attention: bool | None = None,
+        group_siblings: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise ConfigError(f"model must be a transformers causal LM (nn.Module with .config); got {type(model)}")
@@ -136,6 +141,8 @@ class FastGenerator:
         if first is None:
             raise ConfigError("model has no parameters; cannot infer its device")
         self.model = model.eval()
+        if group_siblings:
+            fuse_siblings(model)
         self.device = first.device
         self.dtype = getattr(model, "dtype", first.dtype)
         self.max_batch_size = max_batch_size

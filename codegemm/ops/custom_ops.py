@@ -14,7 +14,20 @@ from typing import Callable, Optional
 import torch
 
 from codegemm.errors import DTypeError, ShapeError
-from codegemm.ops.cuda import codebook_mma_cuda, codebook_mma_eligible, cuda_psumbook_eligible, psumbook_matmul_cuda
+from codegemm.ops.cuda import (
+    MAX_TOKENS,
+    MMA_MIN_TOKENS,
+    codebook_mma_cuda,
+    codebook_mma_eligible,
+    cuda_psumbook_eligible,
+    grouped_eligible,
+    grouped_mma_cuda,
+    grouped_psumbook_cuda,
+    mma_rows_per_block,
+    psumbook_matmul_cuda,
+    psumbook_plan_rpt,
+    psumbook_rows_per_block,
+)
 from codegemm.ops.triton_dequant import dequant_matmul_triton
 from codegemm.ops.triton_dequant_dense import dequant_dense_matmul
 from codegemm.ops.triton_psumbook import psumbook_matmul_triton
@@ -101,3 +114,55 @@ psumbook_cuda_mm = _define("psumbook_cuda_mm", _psumbook_gpu, _UINT8,
                            "CUDA C++ Psumbook kernel for 1-16 tokens; calls it does not fit go to the Triton one.")
 codebook_mma_mm = _define("codebook_mma_mm", _codebook_mma_gpu, _UINT8,
                           "CUDA C++ codebook tensor-core kernel for 1-16 tokens; other calls go to the Psumbook kernels.")
+
+
+def _grouped_gpu(x, codes, codebooks, scales, bias):
+    """Sibling layers in one launch of the CUDA kernel one of them alone would take; one launch per layer
+    (outputs concatenated) when the group does not fit it."""
+    layers = list(zip(codes, codebooks, scales))
+    tokens, k = x.shape
+    n = sum(c.shape[0] for c in codes)
+    m, v = codes[0].shape[2], codebooks[0].shape[2]
+    use_mma = tokens >= MMA_MIN_TOKENS.get((m, v), MAX_TOKENS + 1)
+    if use_mma and all(codebook_mma_eligible(x, *layer, None) for layer in layers):
+        if grouped_eligible(x, layers, bias, mma_rows_per_block(tokens, n, k, x.device)):
+            return grouped_mma_cuda(x, layers, bias)
+    elif not use_mma:
+        rpt = psumbook_plan_rpt(tokens, None, n, codes[0].shape[1], m, x.device)
+        if grouped_eligible(x, layers, bias, psumbook_rows_per_block(tokens, rpt)):
+            return grouped_psumbook_cuda(x, layers, bias)
+    biases = [None] * len(layers) if bias is None else bias.split([c.shape[0] for c in codes])
+    single = _codebook_mma_gpu if use_mma else _psumbook_gpu
+    return torch.cat([single(x, *layer, b) for layer, b in zip(layers, biases)], dim=1)
+
+
+def _check_grouped_args(x, codes, codebooks, scales, bias) -> int:
+    """Raise unless the lists describe sibling layers (one per entry, same K) that ``x`` feeds; total rows."""
+    if not (len(codes) == len(codebooks) == len(scales)) or not codes:
+        raise ShapeError(f"codes, codebooks and scales must be lists of one equal, non-zero length; got "
+                         f"{len(codes)}, {len(codebooks)}, {len(scales)}")
+    for layer in zip(codes, codebooks, scales):
+        check_matmul_args(x, *layer, None, _UINT8)
+    n = sum(c.shape[0] for c in codes)
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or bias.dtype not in _FLOAT_DTYPES):
+        raise ShapeError(f"bias must be a float tensor (sum of out_features={n},); got {bias.dtype} {tuple(bias.shape)}")
+    return n
+
+
+@torch.library.custom_op("codegemm::grouped_cuda_mm", mutates_args=())
+def grouped_cuda_mm(
+    x: torch.Tensor,
+    codes: list[torch.Tensor],
+    codebooks: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sibling layers that read ``x`` (q/k/v, gate/up) in one CUDA launch: ``x [T, K] -> [T, sum N]``."""
+    _check_grouped_args(x, codes, codebooks, scales, bias)
+    return _grouped_gpu(*_contiguous(x), *([t.contiguous() for t in ts] for ts in (codes, codebooks, scales)),
+                        *_contiguous(bias))
+
+
+@grouped_cuda_mm.register_fake
+def _grouped_fake(x, codes, codebooks, scales, bias=None):
+    return x.new_empty(x.shape[0], _check_grouped_args(x, codes, codebooks, scales, bias))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from typing import Callable, Protocol
 
 import torch
@@ -54,6 +55,8 @@ class KernelSpec:
 
 
 _KERNELS: list[KernelSpec] = []
+_GROUPED_KERNELS: list[KernelSpec] = []
+"""Kernels that serve sibling layers in one launch; their ``fn`` takes ``(x, layers, bias)``."""
 
 CPU_PSUMBOOK_MAX_TOKENS = 32
 """Above this many tokens, dequantize-then-matmul beats the Psumbook on CPU (docs/BENCHMARKS.md)."""
@@ -64,6 +67,13 @@ def register_kernel(spec: KernelSpec) -> None:
     _KERNELS[:] = [k for k in _KERNELS if k.name != spec.name]
     _KERNELS.append(spec)
     _KERNELS.sort(key=lambda k: -k.priority)
+
+
+def register_grouped_kernel(spec: KernelSpec) -> None:
+    """Add a grouped kernel (see :func:`grouped_matmul`); same-name registrations replace earlier ones."""
+    _GROUPED_KERNELS[:] = [k for k in _GROUPED_KERNELS if k.name != spec.name]
+    _GROUPED_KERNELS.append(spec)
+    _GROUPED_KERNELS.sort(key=lambda k: -k.priority)
 
 
 def _reference_fp32(x, codes, codebooks, scales, bias):
@@ -137,3 +147,27 @@ def codebook_matmul(
     """``x [T, K] @ W.T + bias -> [T, N]`` in ``x``'s dtype through the chosen kernel."""
     spec = select_kernel(x.device, config, x.shape[0], x.dtype, backend)
     return spec.fn(x, codes, codebooks, scales, bias)
+
+
+def grouped_matmul(
+    x: torch.Tensor,
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    bias: torch.Tensor | None,
+    config: CodebookConfig,
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor | None:
+    """``x [T, K] -> [T, sum N]`` for sibling layers ``(codes, codebooks, scales)`` of one config that read
+    the same ``x``, in one launch; ``bias`` is their biases side by side. None when no grouped kernel fits
+    the call: the caller then runs each layer through :func:`codebook_matmul`, which is what a grouped
+    kernel's result equals up to fp32 summation order."""
+    backend = Backend(backend)
+    if backend is Backend.REFERENCE:
+        return None
+    if x.device.type == "cuda":
+        _load_gpu_kernels()
+    for spec in _GROUPED_KERNELS:
+        if backend is not Backend.AUTO and spec.backend is not backend:
+            continue
+        if spec.supports(x.device, config, x.shape[0], x.dtype):
+            return spec.fn(x, layers, bias)
+    return None

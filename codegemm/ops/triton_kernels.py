@@ -21,8 +21,8 @@ import torch
 
 from codegemm.config import CodebookConfig
 from codegemm.ops import custom_ops
-from codegemm.ops.cuda import CUDA_CONFIGS
-from codegemm.ops.dispatch import Backend, KernelSpec, register_kernel
+from codegemm.ops.cuda import CUDA_CONFIGS, MMA_MIN_TOKENS
+from codegemm.ops.dispatch import Backend, KernelSpec, register_grouped_kernel, register_kernel
 from codegemm.ops.triton_dequant import interpreting
 
 PSUMBOOK_MAX_TOKENS = 16
@@ -54,14 +54,6 @@ def _psumbook_cuda(x, codes, codebooks, scales, bias):
     return custom_ops.psumbook_cuda_mm(x, codes, codebooks, scales, bias)
 
 
-MMA_MIN_TOKENS = {(2, 8): 2, (1, 4): 1}
-"""(m, v) -> from this many tokens the codebook tensor-core kernel beats the CUDA Psumbook GEMV.
-
-Measured on an H200 (docs/KERNELS.md, v6): m2v8 gathers 32 bytes of centroids per 8 inputs and loses to
-the Psumbook at one token; m1v4 gathers 8 bytes per 4 inputs and wins from one token on the 70B shapes.
-"""
-
-
 def _codebook_mma(x, codes, codebooks, scales, bias):
     return custom_ops.codebook_mma_mm(x, codes, codebooks, scales, bias)
 
@@ -73,6 +65,11 @@ def _cuda_psumbook_ok(config: CodebookConfig, tokens: int, dtype: torch.dtype) -
         and 1 <= tokens <= PSUMBOOK_MAX_TOKENS
         and dtype in (torch.float16, torch.bfloat16)
     )
+
+
+def _grouped_cuda(x, layers, bias):
+    codes, codebooks, scales = (list(t) for t in zip(*layers))
+    return custom_ops.grouped_cuda_mm(x, codes, codebooks, scales, bias)
 
 
 def _dequant(x, codes, codebooks, scales, bias):
@@ -161,5 +158,14 @@ register_kernel(
         lambda dev, cfg, tokens, dtype: dev.type == "cpu" and interpreting() and _prefill_ok(tokens, dtype),
         _dequant_dense,
         priority=1,
+    )
+)
+register_grouped_kernel(
+    KernelSpec(
+        "cuda_grouped",
+        Backend.CUDA,
+        lambda dev, cfg, tokens, dtype: dev.type == "cuda" and _cuda_psumbook_ok(cfg, tokens, dtype),
+        _grouped_cuda,
+        priority=40,
     )
 )

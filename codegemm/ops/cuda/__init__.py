@@ -23,6 +23,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 import torch
 
@@ -33,8 +34,38 @@ _SOURCES = [pathlib.Path(__file__).with_name(name)
 CUDA_CONFIGS = {(2, 8), (1, 4)}
 """(num_codebooks, vec_len) pairs compiled into the library (nbits = 8)."""
 MAX_TOKENS = 16
+MMA_MIN_TOKENS = {(2, 8): 2, (1, 4): 1}
+"""(m, v) -> from this many tokens the codebook tensor-core kernel beats the CUDA Psumbook GEMV.
+
+Measured on an H200 (docs/KERNELS.md, v6): m2v8 gathers 32 bytes of centroids per 8 inputs and loses to
+the Psumbook at one token; m1v4 gathers 8 bytes per 4 inputs and wins from one token on the 70B shapes.
+"""
 _THREADS = 512
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+MAX_SEGMENTS = 4
+"""Sibling layers one launch can serve (``Segments`` in common.cuh)."""
+
+Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""One quantized layer's ``(codes, codebooks, scales)``."""
+
+
+class _Segments(ctypes.Structure):
+    """``Segments`` of common.cuh: layers stacked along the output rows, each with its own tables."""
+
+    _fields_ = [("count", ctypes.c_int), ("start", ctypes.c_int * MAX_SEGMENTS),
+                ("codes", ctypes.c_void_p * MAX_SEGMENTS), ("codebooks", ctypes.c_void_p * MAX_SEGMENTS),
+                ("scales", ctypes.c_void_p * MAX_SEGMENTS)]
+
+
+def _segments(layers: Sequence[Layer]) -> _Segments:
+    segs = _Segments()
+    segs.count = len(layers)
+    row = 0
+    for i, (codes, codebooks, scales) in enumerate(layers):
+        segs.start[i] = row
+        segs.codes[i], segs.codebooks[i], segs.scales[i] = codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr()
+        row += codes.shape[0]
+    return segs
 
 
 def _nvcc() -> str | None:
@@ -86,8 +117,8 @@ def bind_library(path: str | os.PathLike) -> ctypes.CDLL:
     """Load a built library and declare its entry points (also used by scripts that A/B kernel builds)."""
     lib = ctypes.CDLL(str(path))
     lib.codegemm_psumbook.restype = ctypes.c_int
-    lib.codegemm_psumbook.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + [
-        ctypes.c_int] * 5 + [ctypes.c_void_p]
+    lib.codegemm_psumbook.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Segments)] + [
+        ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
     lib.codegemm_codebook_mma.restype = ctypes.c_int
     lib.codegemm_codebook_mma.argtypes = lib.codegemm_psumbook.argtypes
     lib.codegemm_dequant.restype = ctypes.c_int
@@ -124,6 +155,31 @@ def cuda_psumbook_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torc
     if num_vectors % vectors_per_chunk or (groups > 1 and (num_vectors // groups) % vectors_per_chunk):
         return False
     return codes.data_ptr() % 16 == 0 and _layer_fits(codes, codebooks, scales, x.dtype)
+
+
+def _rows(layers: Sequence[Layer]) -> list[int]:
+    return [codes.shape[0] for codes, _, _ in layers]
+
+
+def grouped_eligible(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None, rows_per_block: int) -> bool:
+    """Whether sibling layers can share one launch: each fits the kernel alone, their K, config and scale
+    groups agree, and every layer but the last ends on a block boundary (a block's rows share one codebook)."""
+    if not 1 <= len(layers) <= MAX_SEGMENTS:
+        return False
+    codes0, codebooks0, scales0 = layers[0]
+    for codes, codebooks, scales in layers:
+        if codes.shape[1:] != codes0.shape[1:] or codebooks.shape != codebooks0.shape:
+            return False
+        if scales.shape[1] != scales0.shape[1] or not cuda_psumbook_eligible(x, codes, codebooks, scales, None):
+            return False
+    if bias is not None and (bias.dtype != x.dtype or bias.shape[0] != sum(_rows(layers))):
+        return False
+    return all(n % rows_per_block == 0 for n in _rows(layers)[:-1])
+
+
+def psumbook_rows_per_block(tokens: int, rpt: int) -> int:
+    """Output rows one block of psumbook.cu owns: 512 threads, two lanes per row for one token."""
+    return _THREADS // (2 if tokens == 1 else 1) * rpt
 
 
 def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.device) -> tuple[int, int]:
@@ -173,13 +229,28 @@ def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.
                          bias: torch.Tensor | None, rows_per_thread: int | None = None,
                          splits: int | None = None) -> torch.Tensor:
     """``x [T, K] -> [T, N]`` in ``x``'s dtype; the call must be :func:`cuda_psumbook_eligible` and contiguous."""
+    return grouped_psumbook_cuda(x, [(codes, codebooks, scales)], bias, rows_per_thread, splits)
+
+
+def psumbook_plan_rpt(tokens: int, rows_per_thread: int | None, n: int, num_vectors: int, m: int,
+                      device: torch.device) -> int:
+    """The rows-per-thread plan psumbook.cu will run (the compiled ones: 4 or 8 for one token, else 2)."""
+    rpt = rows_per_thread or plan_cuda(tokens, n, num_vectors, m, device)[0]
+    return (8 if rpt >= 8 else 4) if tokens == 1 else 2
+
+
+def grouped_psumbook_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None,
+                          rows_per_thread: int | None = None, splits: int | None = None) -> torch.Tensor:
+    """``x [T, K] -> [T, sum N]``: sibling layers (same K and config) in one launch of psumbook.cu, their
+    outputs side by side. The call must be :func:`grouped_eligible` for
+    :func:`psumbook_rows_per_block` rows and its tensors contiguous."""
     tokens = x.shape[0]
-    n, num_vectors, m = codes.shape
+    codes, codebooks, scales = layers[0]
+    n = sum(_rows(layers))
+    _, num_vectors, m = codes.shape
     v = codebooks.shape[2]
-    default_rpt, default_splits = plan_cuda(tokens, n, num_vectors, m, x.device)
-    rpt = rows_per_thread or default_rpt
-    rpt = (8 if rpt >= 8 else 4) if tokens == 1 else 2  # the plans compiled in (psumbook.cu)
-    splits = splits or default_splits
+    rpt = psumbook_plan_rpt(tokens, rows_per_thread, n, num_vectors, m, x.device)
+    splits = splits or plan_cuda(tokens, n, num_vectors, m, x.device)[1]
     chunks = num_vectors // (32 // m)
     per_split = -(-chunks // splits)
     used = -(-chunks // per_split)
@@ -187,7 +258,7 @@ def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.
     partial = _partials(used, tokens, n, x)
     groups = scales.shape[1]
     _launch("codegemm_psumbook", x, (
-        m, v, rpt, tokens, x.data_ptr(), x.stride(0), codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr(),
+        m, v, rpt, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers)),
         _ptr(bias), out.data_ptr(), _ptr(partial), n, num_vectors, groups,
         num_vectors if groups == 1 else num_vectors // groups, splits), "Psumbook")
     return out
@@ -251,8 +322,22 @@ def _best_mma_splits(tokens: int, row_blocks: int, chunks: int, resident: int) -
 def codebook_mma_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                       bias: torch.Tensor | None, tiles: int | None = None, splits: int | None = None) -> torch.Tensor:
     """``x [T, K] -> [T, N]`` through codebook_mma.cu; the call must be :func:`codebook_mma_eligible`."""
+    return grouped_mma_cuda(x, [(codes, codebooks, scales)], bias, tiles, splits)
+
+
+def mma_rows_per_block(tokens: int, n: int, k: int, device: torch.device, tiles: int | None = None) -> int:
+    """Output rows one work item of codebook_mma.cu covers under the plan it will run."""
+    return _MMA_ROWS_PER_BLOCK_TILE * (tiles or plan_mma(tokens, n, k, device)[0])
+
+
+def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None, tiles: int | None = None,
+                     splits: int | None = None) -> torch.Tensor:
+    """``x [T, K] -> [T, sum N]``: sibling layers in one launch of codebook_mma.cu (each must be
+    :func:`codebook_mma_eligible`, the group :func:`grouped_eligible` for :func:`mma_rows_per_block` rows)."""
     tokens, k = x.shape
-    n, _, m = codes.shape
+    codes, codebooks, scales = layers[0]
+    n = sum(_rows(layers))
+    m = codes.shape[2]
     v = codebooks.shape[2]
     default_tiles, default_splits = plan_mma(tokens, n, k, x.device)
     tiles = tiles or default_tiles
@@ -265,8 +350,8 @@ def codebook_mma_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Ten
     groups = scales.shape[1]
     chunks_per_group = chunks if groups == 1 else chunks // groups
     _launch("codegemm_codebook_mma", x, (
-        m, v, tiles, tokens, x.data_ptr(), x.stride(0), codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr(),
-        _ptr(bias), out.data_ptr(), _ptr(partial), n, chunks, groups, chunks_per_group, splits), "codebook mma")
+        m, v, tiles, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers)), _ptr(bias), out.data_ptr(),
+        _ptr(partial), n, chunks, groups, chunks_per_group, splits), "codebook mma")
     return out
 
 

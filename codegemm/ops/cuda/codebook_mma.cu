@@ -83,8 +83,7 @@ __host__ __device__ constexpr int codebook_bytes() { return M * 256 * codebook_c
 
 template <int M, int V, int R, int NT, typename XT>
 __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebook_mma_kernel(
-    const XT* __restrict__ x, int tokens, int stride_x, const uint8_t* __restrict__ codes,
-    const __half* __restrict__ codebooks, const __half* __restrict__ scales, const XT* __restrict__ bias,
+    const XT* __restrict__ x, int tokens, int stride_x, const Segments segs, const XT* __restrict__ bias,
     XT* __restrict__ out, float* __restrict__ partial, int n_rows, int num_chunks, int groups,
     int chunks_per_group, int chunks_per_split) {
   static_assert((M == 2 && V == 8) || (M == 1 && V == 4), "m2v8 or m1v4");
@@ -99,10 +98,12 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   const int g = lane >> 2, q = lane & 3;
   const size_t row_bytes = static_cast<size_t>(num_chunks) * 32;
 
-  const uint8_t* cb_lane = replicate_codebook<M, V, MMA_THREADS>(cbs, codebooks);
+  // This lane's base in the replicated codebook (the same for every segment).
+  const uint8_t* cb_lane = cbs + (lane % COPIES) * V * 2;
 
-  // Persistent blocks: the codebook copy above is built once per block; the block then walks a contiguous
-  // range of work items (row block, split of K), reloading x only when the split changes.
+  // Persistent blocks: a block walks a contiguous range of work items (row block, split of K), reloading x
+  // only when the split changes and the replicated codebook only when the segment (sibling layer) changes:
+  // once per block for a single layer.
   const int rows_per_block = MMA_WARPS * 16 * R;
   const int row_blocks = (n_rows + rows_per_block - 1) / rows_per_block;
   const int splits = (num_chunks + chunks_per_split - 1) / chunks_per_split;
@@ -110,7 +111,10 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   // Even shares (they differ by at most one item); consecutive items share a split.
   const int item_lo = static_cast<int>(static_cast<long long>(items) * blockIdx.x / gridDim.x);
   const int item_hi = static_cast<int>(static_cast<long long>(items) * (blockIdx.x + 1) / gridDim.x);
-  int loaded_split = -1;
+  int loaded_split = -1, loaded_seg = -1;
+  const uint8_t* __restrict__ codes = nullptr;
+  const __half* __restrict__ scales = nullptr;
+  int seg_row0 = 0;
   for (int item = item_lo; item < item_hi; ++item) {
   const int split = item / row_blocks;
   const int chunk_lo = split * chunks_per_split;
@@ -129,7 +133,17 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
     __syncthreads();
     loaded_split = split;
   }
-  const int row_base = ((item % row_blocks) * MMA_WARPS + warp) * 16 * R;
+  const int block_row0 = (item % row_blocks) * rows_per_block;
+  const int seg = segs.find(block_row0);
+  if (seg != loaded_seg) {
+    if (loaded_seg >= 0) __syncthreads();  // the previous segment's gathers are done
+    replicate_codebook<M, V, MMA_THREADS>(cbs, Segments::pick(segs.codebooks, seg));
+    codes = Segments::pick(segs.codes, seg);
+    scales = Segments::pick(segs.scales, seg);
+    seg_row0 = Segments::pick(segs.start, seg);
+    loaded_seg = seg;
+  }
+  const int row_base = block_row0 + warp * 16 * R;
 
   float acc[R][NT][4];
 #pragma unroll
@@ -147,7 +161,8 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int n = row_base + r * 16 + g + 8 * h;
-        w[r][h] = n < n_rows ? load_codes(codes + n * row_bytes + static_cast<size_t>(chunk) * 32 + 8 * q)
+        w[r][h] = n < n_rows ? load_codes(codes + static_cast<size_t>(n - seg_row0) * row_bytes +
+                                          static_cast<size_t>(chunk) * 32 + 8 * q)
                              : make_uint2(0u, 0u);
       }
   };
@@ -162,7 +177,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
         const int n = row_base + r * 16 + g + 8 * h;
         const int c = chunk + q;
         sv[r][h] = (n < n_rows && c < chunk_hi)
-                       ? __half2float(scales[static_cast<size_t>(n) * groups + c / chunks_per_group])
+                       ? __half2float(scales[static_cast<size_t>(n - seg_row0) * groups + c / chunks_per_group])
                        : 0.f;
       }
   };
@@ -283,12 +298,12 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
 int max_blocks_per_sm = 0;  // 0: as many as fit (codegemm_codebook_mma_set_blocks_per_sm, for plan sweeps)
 
 template <int M, int V, int R, int NT, typename XT>
-int launch_mma(const void* x, int tokens, int stride_x, const void* codes, const void* codebooks,
-               const void* scales, const void* bias, void* out, float* partial, int n_rows, int num_chunks,
+int launch_mma(const void* x, int tokens, int stride_x, const Segments& segs, const void* bias, void* out, float* partial, int n_rows, int num_chunks,
                int groups, int chunks_per_group, int splits, cudaStream_t stream) {
   const int per_split = (num_chunks + splits - 1) / splits;
   const int used_splits = (num_chunks + per_split - 1) / per_split;
   const int smem = codebook_bytes<M, V>() + per_split * tokens * 256;
+  if (!segs.aligned(MMA_WARPS * 16 * R)) return static_cast<int>(cudaErrorInvalidValue);
   auto kernel = codebook_mma_kernel<M, V, R, NT, XT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
@@ -303,22 +318,19 @@ int launch_mma(const void* x, int tokens, int stride_x, const void* codes, const
   if (max_blocks_per_sm > 0) per_sm = min(per_sm, max_blocks_per_sm);
   dim3 grid(max(1, min(items, sms * max(1, per_sm))));
   kernel<<<grid, MMA_THREADS, smem, stream>>>(
-      static_cast<const XT*>(x), tokens, stride_x, static_cast<const uint8_t*>(codes),
-      static_cast<const __half*>(codebooks), static_cast<const __half*>(scales), static_cast<const XT*>(bias),
-      static_cast<XT*>(out), used_splits > 1 ? partial : nullptr, n_rows, num_chunks, groups, chunks_per_group,
-      per_split);
+      static_cast<const XT*>(x), tokens, stride_x, segs, static_cast<const XT*>(bias), static_cast<XT*>(out),
+      used_splits > 1 ? partial : nullptr, n_rows, num_chunks, groups, chunks_per_group, per_split);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
   return used_splits > 1 ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, stream) : 0;
 }
 
 template <int M, int V, typename XT>
-int mma_plan(int r, int tokens, const void* x, int stride_x, const void* codes, const void* codebooks,
-             const void* scales, const void* bias, void* out, float* partial, int n_rows, int num_chunks, int groups,
+int mma_plan(int r, int tokens, const void* x, int stride_x, const Segments& segs, const void* bias, void* out, float* partial, int n_rows, int num_chunks, int groups,
              int cpg, int splits, cudaStream_t stream) {
 #define CODEGEMM_MMA(RR, NN)                                                                                    \
-  return launch_mma<M, V, RR, NN, XT>(x, tokens, stride_x, codes, codebooks, scales, bias, out, partial, n_rows, \
-                                      num_chunks, groups, cpg, splits, stream)
+  return launch_mma<M, V, RR, NN, XT>(x, tokens, stride_x, segs, bias, out, partial, n_rows, num_chunks, groups, \
+                                      cpg, splits, stream)
   if (tokens <= 8) {
     if (r >= 4) { CODEGEMM_MMA(4, 1); }
     if (r == 2) { CODEGEMM_MMA(2, 1); }
@@ -330,15 +342,15 @@ int mma_plan(int r, int tokens, const void* x, int stride_x, const void* codes, 
 }
 
 template <typename XT>
-int mma_config(int m, int v, int r, int tokens, const void* x, int stride_x, const void* codes,
-               const void* codebooks, const void* scales, const void* bias, void* out, float* partial, int n_rows,
+int mma_config(int m, int v, int r, int tokens, const void* x, int stride_x, const Segments& segs,
+               const void* bias, void* out, float* partial, int n_rows,
                int num_chunks, int groups, int cpg, int splits, cudaStream_t stream) {
   if (tokens < 1 || tokens > 16) return -1;
   if (m == 2 && v == 8)
-    return mma_plan<2, 8, XT>(r, tokens, x, stride_x, codes, codebooks, scales, bias, out, partial, n_rows,
+    return mma_plan<2, 8, XT>(r, tokens, x, stride_x, segs, bias, out, partial, n_rows,
                               num_chunks, groups, cpg, splits, stream);
   if (m == 1 && v == 4)
-    return mma_plan<1, 4, XT>(r, tokens, x, stride_x, codes, codebooks, scales, bias, out, partial, n_rows,
+    return mma_plan<1, 4, XT>(r, tokens, x, stride_x, segs, bias, out, partial, n_rows,
                               num_chunks, groups, cpg, splits, stream);
   return -1;
 }
@@ -349,19 +361,20 @@ extern "C" {
 
 // m2v8 / m1v4 with 8-bit codes, fp16 codebooks and scales; 1-16 tokens; K a multiple of 128 and scale groups
 // a multiple of 128 inputs (chunks_per_group chunks each; per-row scales: groups = 1, chunks_per_group =
-// num_chunks). rows_per_warp16 picks 1, 2 or 4 m-tiles per warp. dtype: 0 fp16, 1 bf16.
-// Returns a cudaError_t, or -1 for a config that is not compiled in.
+// num_chunks). rows_per_warp16 picks 1, 2 or 4 m-tiles per warp. segs: the layer or sibling layers stacked
+// along N (common.cuh), n_rows their total. dtype: 0 fp16, 1 bf16.
+// Returns a cudaError_t (cudaErrorInvalidValue for segments off block boundaries), or -1 for a config that is
+// not compiled in.
 int codegemm_codebook_mma(int dtype, int m, int v, int rows_per_warp16, int tokens, const void* x, int stride_x,
-                          const void* codes, const void* codebooks, const void* scales, const void* bias, void* out,
-                          float* partial, int n_rows, int num_chunks, int groups, int chunks_per_group, int splits,
-                          void* stream) {
+                          const Segments* segs, const void* bias, void* out, float* partial, int n_rows,
+                          int num_chunks, int groups, int chunks_per_group, int splits, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (dtype == 0)
-    return mma_config<__half>(m, v, rows_per_warp16, tokens, x, stride_x, codes, codebooks, scales, bias, out,
-                              partial, n_rows, num_chunks, groups, chunks_per_group, splits, s);
+    return mma_config<__half>(m, v, rows_per_warp16, tokens, x, stride_x, *segs, bias, out, partial, n_rows,
+                              num_chunks, groups, chunks_per_group, splits, s);
   if (dtype == 1)
-    return mma_config<__nv_bfloat16>(m, v, rows_per_warp16, tokens, x, stride_x, codes, codebooks, scales, bias,
-                                     out, partial, n_rows, num_chunks, groups, chunks_per_group, splits, s);
+    return mma_config<__nv_bfloat16>(m, v, rows_per_warp16, tokens, x, stride_x, *segs, bias, out, partial, n_rows,
+                                     num_chunks, groups, chunks_per_group, splits, s);
   return -1;
 }
 

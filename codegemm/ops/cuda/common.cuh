@@ -15,6 +15,42 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Sibling layers that read the same activations (q/k/v, gate/up), stacked along the output rows so that one
+// launch serves them all: segment s owns rows [start[s], start[s + 1]) of the output and has its own codes,
+// codebooks and scales (same K and scale groups). A single layer is one segment. The launchers refuse segment
+// starts that are not multiples of their rows per block, so a block's rows always share one codebook.
+constexpr int MAX_SEGMENTS = 4;
+struct Segments {
+  int count;
+  int start[MAX_SEGMENTS];
+  const uint8_t* codes[MAX_SEGMENTS];
+  const __half* codebooks[MAX_SEGMENTS];
+  const __half* scales[MAX_SEGMENTS];
+
+  __host__ __device__ int find(int row) const {
+    int s = 0;
+#pragma unroll
+    for (int i = 1; i < MAX_SEGMENTS; ++i) s += (i < count && row >= start[i]) ? 1 : 0;
+    return s;
+  }
+  // a[s] for a block-uniform s, by constant indices: a run-time index would copy the whole struct from the
+  // parameter bank into each thread's local memory.
+  template <typename T>
+  __device__ __forceinline__ static T pick(const T (&a)[MAX_SEGMENTS], int s) {
+    T r = a[0];
+#pragma unroll
+    for (int i = 1; i < MAX_SEGMENTS; ++i) r = (i == s) ? a[i] : r;
+    return r;
+  }
+  // Whether every segment starts on a block boundary (the kernels' precondition).
+  __host__ bool aligned(int rows_per_block) const {
+    if (count < 1 || count > MAX_SEGMENTS || start[0] != 0) return false;
+    for (int i = 1; i < count; ++i)
+      if (start[i] % rows_per_block != 0 || start[i] <= start[i - 1]) return false;
+    return true;
+  }
+};
+
 // Lanes per shared-memory phase: 8 for 16-byte (v = 8) loads, 16 for 8-byte (v = 4) ones.
 template <int V>
 __host__ __device__ constexpr int codebook_copies() { return V == 8 ? 8 : 16; }

@@ -49,8 +49,7 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 
 template <int M, int V, int RPT, int MAXT, int LANES, typename XT>
 __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbook_kernel(
-    const XT* __restrict__ x, int tokens, int stride_x, const uint8_t* __restrict__ codes,
-    const __half* __restrict__ codebooks, const __half* __restrict__ scales, const XT* __restrict__ bias,
+    const XT* __restrict__ x, int tokens, int stride_x, const Segments segs, const XT* __restrict__ bias,
     XT* __restrict__ out, float* __restrict__ partial, int n_rows, int num_vectors, int groups,
     int vectors_per_group, int chunks_per_split) {
   static_assert(THREADS == 2 * CENTROIDS && (M == 1 || M == 2), "16 warps build 16 centroids each");
@@ -80,6 +79,12 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   const int chunk_lo = blockIdx.y * chunks_per_split;
   const int chunk_hi = min(chunk_lo + chunks_per_split, num_chunks);
   const size_t row_bytes = static_cast<size_t>(num_vectors) * M;
+  // This block's segment (its rows never straddle two): its tables, with row 0 of the segment at its start.
+  const int seg = segs.find(row0);
+  const int seg_row0 = Segments::pick(segs.start, seg);
+  const uint8_t* __restrict__ codes = Segments::pick(segs.codes, seg);
+  const __half* __restrict__ codebooks = Segments::pick(segs.codebooks, seg);
+  const __half* __restrict__ scales = Segments::pick(segs.scales, seg);
 
   // Psumbook builder role: lane q of warp w computes table q's entries for the centroids
   // c = w * 16 ... w * 16 + 15, so a warp's 32 stores per step fill 32 distinct banks.
@@ -118,13 +123,14 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
     for (int r = 0; r < RPT; ++r) {
       const int n = row0 + r * PAIRS + pair;
       if (n < n_rows) {
-        const uint4* p = reinterpret_cast<const uint4*>(codes + n * row_bytes + static_cast<size_t>(chunk) * 32) + half;
+        const size_t nl = static_cast<size_t>(n - seg_row0);
+        const uint4* p = reinterpret_cast<const uint4*>(codes + nl * row_bytes + static_cast<size_t>(chunk) * 32) + half;
 #pragma unroll
         for (int u = 0; u < WORDS / 4; ++u) {
           const uint4 a = load_stream(p + u);
           word[r][4 * u] = a.x; word[r][4 * u + 1] = a.y; word[r][4 * u + 2] = a.z; word[r][4 * u + 3] = a.w;
         }
-        scale[r] = __half2float(scales[static_cast<size_t>(n) * groups + (chunk * JT) / vectors_per_group]);
+        scale[r] = __half2float(scales[nl * groups + (chunk * JT) / vectors_per_group]);
       } else {
 #pragma unroll
         for (int k = 0; k < WORDS; ++k) word[r][k] = 0u;
@@ -244,11 +250,11 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
 }
 
 template <int M, int V, int RPT, int MAXT, int LANES, typename XT>
-int launch_psumbook(const void* x, int tokens, int stride_x, const void* codes, const void* codebooks,
-                    const void* scales, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
+int launch_psumbook(const void* x, int tokens, int stride_x, const Segments& segs, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
                     int groups, int vectors_per_group, int splits, cudaStream_t stream) {
   constexpr int JT = 32 / M;
   const int smem = (32 * CENTROIDS + M * (CENTROIDS * V + 4) + MAXT * JT * V) * 4;
+  if (!segs.aligned(THREADS / LANES * RPT)) return static_cast<int>(cudaErrorInvalidValue);
   auto kernel = psumbook_kernel<M, V, RPT, MAXT, LANES, XT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
@@ -257,10 +263,8 @@ int launch_psumbook(const void* x, int tokens, int stride_x, const void* codes, 
   const int used_splits = (num_chunks + per_split - 1) / per_split;
   dim3 grid((n_rows + THREADS / LANES * RPT - 1) / (THREADS / LANES * RPT), used_splits);
   kernel<<<grid, THREADS, smem, stream>>>(
-      static_cast<const XT*>(x), tokens, stride_x, static_cast<const uint8_t*>(codes),
-      static_cast<const __half*>(codebooks), static_cast<const __half*>(scales), static_cast<const XT*>(bias),
-      static_cast<XT*>(out), used_splits > 1 ? partial : nullptr, n_rows, num_vectors, groups, vectors_per_group,
-      per_split);
+      static_cast<const XT*>(x), tokens, stride_x, segs, static_cast<const XT*>(bias), static_cast<XT*>(out),
+      used_splits > 1 ? partial : nullptr, n_rows, num_vectors, groups, vectors_per_group, per_split);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
   return used_splits > 1 ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, stream) : 0;
@@ -269,12 +273,11 @@ int launch_psumbook(const void* x, int tokens, int stride_x, const void* codes, 
 // Instantiated plans: one token: two lanes per row, RPT 4 or 8 rows per lane pair; 2-16 tokens: one
 // lane per row, RPT 2 rows per thread (more accumulators would spill).
 template <int M, int V, typename XT>
-int dispatch_plan(int rpt, int tokens, const void* x, int stride_x, const void* codes, const void* codebooks,
-                  const void* scales, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
+int dispatch_plan(int rpt, int tokens, const void* x, int stride_x, const Segments& segs, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
                   int groups, int vpg, int splits, cudaStream_t stream) {
 #define CODEGEMM_P(RR, MT, LL)                                                                                   \
-  return launch_psumbook<M, V, RR, MT, LL, XT>(x, tokens, stride_x, codes, codebooks, scales, bias, out, partial, \
-                                               n_rows, num_vectors, groups, vpg, splits, stream)
+  return launch_psumbook<M, V, RR, MT, LL, XT>(x, tokens, stride_x, segs, bias, out, partial, n_rows, num_vectors, \
+                                               groups, vpg, splits, stream)
   if (tokens == 1 && rpt == 8) { CODEGEMM_P(8, 1, 2); }
   if (tokens == 1) { CODEGEMM_P(4, 1, 2); }
   if (tokens <= 4) { CODEGEMM_P(2, 4, 1); }
@@ -284,15 +287,15 @@ int dispatch_plan(int rpt, int tokens, const void* x, int stride_x, const void* 
 }
 
 template <typename XT>
-int dispatch_config(int m, int v, int rpt, int tokens, const void* x, int stride_x, const void* codes,
-                    const void* codebooks, const void* scales, const void* bias, void* out, float* partial,
+int dispatch_config(int m, int v, int rpt, int tokens, const void* x, int stride_x, const Segments& segs,
+                    const void* bias, void* out, float* partial,
                     int n_rows, int num_vectors, int groups, int vpg, int splits, cudaStream_t stream) {
   if (tokens < 1 || tokens > 16) return -1;
   if (m == 2 && v == 8)
-    return dispatch_plan<2, 8, XT>(rpt, tokens, x, stride_x, codes, codebooks, scales, bias, out, partial, n_rows,
+    return dispatch_plan<2, 8, XT>(rpt, tokens, x, stride_x, segs, bias, out, partial, n_rows,
                                    num_vectors, groups, vpg, splits, stream);
   if (m == 1 && v == 4)
-    return dispatch_plan<1, 4, XT>(rpt, tokens, x, stride_x, codes, codebooks, scales, bias, out, partial, n_rows,
+    return dispatch_plan<1, 4, XT>(rpt, tokens, x, stride_x, segs, bias, out, partial, n_rows,
                                    num_vectors, groups, vpg, splits, stream);
   return -1;
 }
@@ -302,18 +305,19 @@ int dispatch_config(int m, int v, int rpt, int tokens, const void* x, int stride
 extern "C" {
 
 // Configs compiled in: (m, v) in {(2, 8), (1, 4)}, 1-16 tokens; rpt picks 4 or 8 rows per lane pair for
-// one token (ignored otherwise).
-// Returns a cudaError_t, or -1 for a config that is not compiled in. dtype: 0 fp16, 1 bf16 (activations, bias, output).
-int codegemm_psumbook(int dtype, int m, int v, int rpt, int tokens, const void* x, int stride_x, const void* codes,
-                      const void* codebooks, const void* scales, const void* bias, void* out, float* partial,
-                      int n_rows, int num_vectors, int groups, int vectors_per_group, int splits, void* stream) {
+// one token (ignored otherwise). segs: the layer (one segment) or sibling layers stacked along N (common.cuh),
+// n_rows their total. Returns a cudaError_t (cudaErrorInvalidValue for segments off block boundaries), or -1
+// for a config that is not compiled in. dtype: 0 fp16, 1 bf16 (activations, bias, output).
+int codegemm_psumbook(int dtype, int m, int v, int rpt, int tokens, const void* x, int stride_x, const Segments* segs,
+                      const void* bias, void* out, float* partial, int n_rows, int num_vectors, int groups,
+                      int vectors_per_group, int splits, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (dtype == 0)
-    return dispatch_config<__half>(m, v, rpt, tokens, x, stride_x, codes, codebooks, scales, bias, out, partial,
-                                   n_rows, num_vectors, groups, vectors_per_group, splits, s);
+    return dispatch_config<__half>(m, v, rpt, tokens, x, stride_x, *segs, bias, out, partial, n_rows, num_vectors,
+                                   groups, vectors_per_group, splits, s);
   if (dtype == 1)
-    return dispatch_config<__nv_bfloat16>(m, v, rpt, tokens, x, stride_x, codes, codebooks, scales, bias, out,
-                                          partial, n_rows, num_vectors, groups, vectors_per_group, splits, s);
+    return dispatch_config<__nv_bfloat16>(m, v, rpt, tokens, x, stride_x, *segs, bias, out, partial, n_rows,
+                                          num_vectors, groups, vectors_per_group, splits, s);
   return -1;
 }
 
