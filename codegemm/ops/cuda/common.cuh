@@ -6,19 +6,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-namespace {
-
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(float v) { return v; }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 // Sibling layers that read the same activations (q/k/v, gate/up), stacked along the output rows so that one
 // launch serves them all: segment s owns rows [start[s], start[s + 1]) of the output and has its own codes,
 // codebooks and scales (same K and scale groups). A single layer is one segment. The launchers refuse segment
 // starts that are not multiples of their rows per block, so a block's rows always share one codebook.
+// Outside the anonymous namespace: the extern "C" launchers take it, and a parameter type with internal
+// linkage would give them internal linkage too (no exported symbol).
 constexpr int MAX_SEGMENTS = 4;
 struct Segments {
   int count;
@@ -50,6 +43,15 @@ struct Segments {
     return true;
   }
 };
+
+namespace {
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Lanes per shared-memory phase: 8 for 16-byte (v = 8) loads, 16 for 8-byte (v = 4) ones.
 template <int V>
