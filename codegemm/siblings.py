@@ -23,6 +23,7 @@ from torch import nn
 
 from codegemm.errors import ConfigError
 from codegemm.nn import CodeGEMMLinear
+from codegemm.ops.cuda import SEGMENT_ROW_MULTIPLE
 from codegemm.ops.dispatch import grouped_matmul
 
 SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -92,16 +93,25 @@ def _find_groups(model: nn.Module, names: Iterable[Sequence[str]]) -> list[list[
     return found
 
 
-def fuse_siblings(model: nn.Module, names: Iterable[Sequence[str]] = SIBLING_NAMES) -> int:
+def fuse_siblings(model: nn.Module, names: Iterable[Sequence[str]] = SIBLING_NAMES,
+                  row_multiple: int | None = None) -> int:
     """Group the sibling projections of ``model`` (children named as in ``names`` of one parent, all
     :class:`CodeGEMMLinear`, same K and config); returns how many groups were made. Idempotent.
+
+    Sets whose layers (but the last) are not ``row_multiple`` rows apart (default
+    :data:`codegemm.ops.cuda.SEGMENT_ROW_MULTIPLE`) stay separate: the grouped CUDA kernels need each
+    layer to start on a block boundary and would otherwise run them one by one and copy the outputs
+    together (e.g. Gemma 3 270M's 256-row k/v).
 
     Only group children that read the same tensor (self-attention q/k/v, gated-MLP gate/up): a sibling
     called with another input still computes correctly, but the first member's call did its work for nothing.
     """
+    row_multiple = SEGMENT_ROW_MULTIPLE if row_multiple is None else row_multiple
     made = 0
     for members in _find_groups(model, names):
         if any(m._siblings is not None for m in members):
+            continue
+        if any(m.out_features % row_multiple for m in members[:-1]):
             continue
         try:
             group = SiblingGroup(members)

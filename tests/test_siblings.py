@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import tiny_llama_config
 
-from codegemm import CodeGEMMLinear, reference
+from codegemm import CodeGEMMLinear, reference, siblings
 from codegemm.errors import ConfigError
 from codegemm.generation import FastGenerator
 from codegemm.ops import dispatch
@@ -26,6 +26,7 @@ from codegemm.siblings import SiblingGroup, fuse_siblings, unfuse_siblings
 def grouped_calls(monkeypatch):
     """Register a CPU grouped kernel (the reference per layer, side by side); yields its call log."""
     monkeypatch.setattr(dispatch, "_GROUPED_KERNELS", [])
+    monkeypatch.setattr(siblings, "SEGMENT_ROW_MULTIPLE", 1)  # tiny layers, no CUDA blocks to align to
     calls: list[list[int]] = []
 
     def spec_fn(x, layers, bias):
@@ -147,3 +148,14 @@ def test_grouped_matmul_respects_reference_backend(grouped_calls):
     cfg = CodeGEMMLinear.from_unpacked(codes, codebooks, scales).config
     assert grouped_matmul(x, [(codes, codebooks, scales)] * 2, None, cfg, Backend.REFERENCE) is None
     assert grouped_matmul(x, [(codes, codebooks, scales)] * 2, None, cfg, Backend.CPU).shape == (2, 16)
+
+
+def test_sizes_off_block_boundaries_stay_separate():
+    model = _model()
+    assert fuse_siblings(model) == 0  # 64/32/32 and 128/128 rows: not multiples of 1024
+    assert fuse_siblings(model, row_multiple=32) == 4
+    unfuse_siblings(model)
+    parent = torch.nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = (CodeGEMMLinear.from_unpacked(*_layer_tensors(n, i)) for i, n in
+                                                  enumerate((1024, 1024, 8)))
+    assert fuse_siblings(parent) == 1  # the last layer may have any size

@@ -45,6 +45,10 @@ _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 MAX_SEGMENTS = 4
 """Sibling layers one launch can serve (``Segments`` in common.cuh)."""
 
+SEGMENT_ROW_MULTIPLE = 1024
+"""Layer sizes (but the last) that every default plan can group: the Psumbook kernel's 1024 rows per block
+(1-16 tokens), a multiple of the tensor-core kernel's 256. Other sizes fall back to one launch per layer."""
+
 Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """One quantized layer's ``(codes, codebooks, scales)``."""
 
