@@ -102,3 +102,21 @@ def test_bad_input_fails_before_any_work():
     with pytest.raises(RangeError, match="model.layers.0.mlp.up_proj.weight must be finite"):
         quantize(model, "m1b4v4g32", _tokens(), nsamples=2, seqlen=32)
     assert not any(True for _ in quantized_modules(model))
+
+
+def test_two_runs_on_two_cpu_threads_are_bit_identical():
+    """The learned-codebook step sums gradients through index_put_(accumulate=True), whose multithreaded
+    CPU order varied run to run; the quantizer runs it in PyTorch's deterministic mode on the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(2):
+            model = tiny_llama(hidden=128, inter=256)
+            quantize(model, "m2v8g32", _tokens(8, 128), nsamples=8, seqlen=128, max_rounds=1, adam_steps=20)
+            runs.append({n: (m.codes, m.codebooks, m.scales) for n, m in quantized_modules(model)})
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    for name, tensors in runs[0].items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, runs[1][name])), name

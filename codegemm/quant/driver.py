@@ -27,6 +27,7 @@ from codegemm.data import DataSource, calibration_samples
 from codegemm.errors import CheckpointError, ConfigError
 from codegemm.nn import CodeGEMMLinear
 from codegemm.quant.capture import capture_inputs, find_blocks, run_block
+from codegemm.quant.determinism import reproducible_on_cpu
 from codegemm.quant.finetune import finetune_block
 from codegemm.quant.global_finetune import global_finetune, record_teacher, split_model
 from codegemm.quant.layer import HessianAccumulator, check_linear, layer_generator, quantize_tensors
@@ -141,6 +142,7 @@ def _restore_block(block: nn.Module, base: str, config: CodebookConfig, tensors:
     block.load_state_dict(tensors, strict=True)
 
 
+@reproducible_on_cpu
 def quantize(
     model: nn.Module,
     config: CodebookConfig | str,
@@ -166,6 +168,7 @@ def quantize(
     come from ``options`` or ``preset`` plus keyword overrides (see
     :class:`QuantOptions`). ``lm_head`` and embeddings stay dense.
     ``state_dir`` makes the run resumable (see :mod:`codegemm.quant.state`).
+    On the CPU the result is bit-reproducible (:mod:`codegemm.quant.determinism`).
     """
     from codegemm.loading import check_seqlen
 
