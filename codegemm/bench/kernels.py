@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from codegemm import reference
 from codegemm.bench.timing import copy_bandwidth, device_name, l2_bytes, rotation_count, time_calls
 from codegemm.config import CodebookConfig
-from codegemm.ops.dispatch import Backend, codebook_matmul, select_kernel
+from codegemm.ops.dispatch import Backend, codebook_matmul, grouped_matmul, select_kernel
 from codegemm.random_model import random_layer_tensors
-from codegemm.shapes import BENCH_TOKENS, DECODER_BLOCKS
+from codegemm.shapes import BENCH_TOKENS, DECODER_BLOCKS, LinearShape
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
     parser.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per row")
     parser.add_argument("--json", metavar="PATH", help="also write all rows as JSON")
+    parser.add_argument("--siblings", action="store_true",
+                        help="also time qkv and gate_up as separate layers (own codebooks), one launch each and grouped")
     parser.add_argument("--triton-too", action="store_true",
                         help="also time the Triton kernels where the CUDA kernel is the default")
     parser.add_argument("--dequant-too", action="store_true",
@@ -88,6 +90,47 @@ def _quantized(config: CodebookConfig, n: int, k: int, device: torch.device, cop
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
+
+
+SIBLING_SUFFIXES = ("-separate", "-grouped")
+"""Kernel-name suffixes of the ``--siblings`` rows: a fused shape's parts launched one by one, or grouped."""
+
+
+def _bench_siblings(model: str, shape: LinearShape, tokens_list: list[int], configs: list[str], dtype: torch.dtype,
+                    args: argparse.Namespace) -> list[Row]:
+    """A fused shape as a checkpoint stores it (q, k, v or gate, up with their own codebooks): every part
+    launched alone, then all parts in one grouped launch (:mod:`codegemm.siblings`)."""
+    device = torch.device("cuda")
+    k, rows = shape.in_features, []
+    for name in configs:
+        config = CodebookConfig.from_name(name)
+        q_bytes = sum(n * (k // config.vec_len) * config.num_codebooks * (config.nbits / 8) + n * config.num_groups(k) * 2
+                      + config.num_codebooks * config.codebook_size * config.vec_len * 2 for n in shape.parts)
+        copies = rotation_count(int(q_bytes), device)
+        generator = torch.Generator(device=device).manual_seed(1)
+        sets = [[random_layer_tensors(config, n, k, device, torch.float16, generator) for n in shape.parts]
+                for _ in range(copies)]
+        for tokens in tokens_list:
+            x = torch.randn(tokens, k, device=device, dtype=dtype)
+            one_by_one = lambda layers: [codebook_matmul(x, *layer, None, config) for layer in layers]  # noqa: E731
+            together = lambda layers: grouped_matmul(x, layers, None, config)  # noqa: E731
+            ref = None
+            if not args.no_check:
+                ref = torch.cat([reference.dense_matmul(x, *layer, None, torch.float64) for layer in sets[0]], dim=1)
+            for suffix, fn, impl in (("-separate", one_by_one, f"{len(shape.parts)} launches"),
+                                     ("-grouped", together, "grouped launch")):
+                if fn(sets[0]) is None:
+                    continue  # no grouped kernel for this call
+                t = time_calls([functools.partial(fn, layers) for layers in sets], replays=args.replays)
+                row = Row(model, shape.name, k, shape.out_features, tokens, f"codegemm-{name}{suffix}", t.median_us,
+                          t.p20_us, t.p80_us, int(q_bytes) + (tokens * k + tokens * shape.out_features) * dtype.itemsize,
+                          copies, impl=impl)
+                if ref is not None:
+                    out = fn(sets[0])
+                    row.rel_err = _rel_err(torch.cat(out, dim=1) if isinstance(out, list) else out, ref)
+                rows.append(row)
+        del sets
+    return rows
 
 
 def _bench_shape(model, layer, k, n, tokens_list, configs, dtype, aqlm, args, bandwidth) -> list[Row]:
@@ -163,8 +206,13 @@ def _bench_shape(model, layer, k, n, tokens_list, configs, dtype, aqlm, args, ba
                                 q_bytes + act_bytes(tokens), copies, impl="aqlm CUDA matvec per token"))
             del layers
     torch.cuda.empty_cache()
+    return _relate(rows, rows, bandwidth)
+
+
+def _relate(rows: list[Row], baseline: list[Row], bandwidth: float) -> list[Row]:
+    """Fill speedup over the fp16 row of the same token count (in ``baseline``), GB/s and % of copy bandwidth."""
     for row in rows:
-        base = next(r for r in rows if r.kernel == FP16 and r.tokens == row.tokens)
+        base = next(r for r in baseline if r.kernel == FP16 and r.tokens == row.tokens)
         row.speedup = base.us / row.us
         row.gbps = row.bytes / (row.us * 1e-6) / 1e9
         row.pct_copy_bw = 100 * row.bytes / (row.us * 1e-6) / bandwidth
@@ -172,10 +220,17 @@ def _bench_shape(model, layer, k, n, tokens_list, configs, dtype, aqlm, args, ba
 
 
 def _block_sums(rows: list[Row]) -> list[dict]:
+    """Per model, token count and kernel: the sum over the block's layers. A ``--siblings`` kernel's block
+    takes its own rows for the fused shapes and the plain kernel's rows for the others (o, down)."""
     sums = []
     keys = sorted({(r.model, r.tokens, r.kernel) for r in rows}, key=lambda t: (t[0], t[1], t[2] != FP16, t[2]))
     for model, tokens, kernel in keys:
         group = [r for r in rows if (r.model, r.tokens, r.kernel) == (model, tokens, kernel)]
+        base_kernel = next((kernel[: -len(s)] for s in SIBLING_SUFFIXES if kernel.endswith(s)), None)
+        if base_kernel is not None:
+            own = {r.layer for r in group}
+            group += [r for r in rows if (r.model, r.tokens, r.kernel) == (model, tokens, base_kernel)
+                      and r.layer not in own]
         base = sum(r.us for r in rows if (r.model, r.tokens, r.kernel) == (model, tokens, FP16))
         total = sum(r.us for r in group)
         nbytes = sum(r.bytes for r in group)
@@ -186,15 +241,15 @@ def _block_sums(rows: list[Row]) -> list[dict]:
 
 def format_table(rows: list[Row], sums: list[dict], bandwidth: float, gpu: str) -> str:
     lines = [f"GPU: {gpu}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read+write); L2 {l2_bytes() >> 20} MiB",
-             (f"{'model':<11}{'layer':<8}{'KxN':>12}{'tok':>4} {'kernel':<18}{'us':>9}{'x fp16':>8}{'GB/s':>7}"
+             (f"{'model':<11}{'layer':<8}{'KxN':>12}{'tok':>4} {'kernel':<28}{'us':>9}{'x fp16':>8}{'GB/s':>7}"
               f"{'%bw':>6}{'rel err':>10}  impl")]
     for r in rows:
-        lines.append(f"{r.model:<11}{r.layer:<8}{f'{r.k}x{r.n}':>12}{r.tokens:>4} {r.kernel:<18}{r.us:>9.1f}"
+        lines.append(f"{r.model:<11}{r.layer:<8}{f'{r.k}x{r.n}':>12}{r.tokens:>4} {r.kernel:<28}{r.us:>9.1f}"
                      f"{r.speedup:>8.2f}{r.gbps:>7.0f}{r.pct_copy_bw:>6.0f}{r.rel_err:>10.1e}  {r.impl}")
     lines.append("")
-    lines.append(f"{'decoder block sums':<30}{'tok':>4} {'kernel':<18}{'us':>9}{'x fp16':>8}{'GB/s':>7}")
+    lines.append(f"{'decoder block sums':<30}{'tok':>4} {'kernel':<28}{'us':>9}{'x fp16':>8}{'GB/s':>7}")
     for s in sums:
-        lines.append(f"{s['model']:<30}{s['tokens']:>4} {s['kernel']:<18}{s['us']:>9.1f}{s['speedup']:>8.2f}"
+        lines.append(f"{s['model']:<30}{s['tokens']:>4} {s['kernel']:<28}{s['us']:>9.1f}{s['speedup']:>8.2f}"
                      f"{s['gbps']:>7.0f}")
     return "\n".join(lines)
 
@@ -276,6 +331,9 @@ def run(args: argparse.Namespace) -> int:
         for shape in DECODER_BLOCKS[model]:
             rows += _bench_shape(model, shape.name, shape.in_features, shape.out_features, tokens_list, configs,
                                  dtype, aqlm, args, bandwidth)
+            if args.siblings and shape.parts:
+                fp16 = [r for r in rows if (r.model, r.layer) == (model, shape.name)]
+                rows += _relate(_bench_siblings(model, shape, tokens_list, configs, dtype, args), fp16, bandwidth)
     sums = _block_sums(rows)
     gpu = device_name()
     print(format_table(rows, sums, bandwidth, gpu))
