@@ -97,10 +97,9 @@ SIBLING_SUFFIXES = ("-separate", "-grouped")
 
 
 def _bench_siblings(model: str, shape: LinearShape, tokens_list: list[int], configs: list[str], dtype: torch.dtype,
-                    args: argparse.Namespace) -> list[Row]:
+                    args: argparse.Namespace, device: torch.device) -> list[Row]:
     """A fused shape as a checkpoint stores it (q, k, v or gate, up with their own codebooks): every part
     launched alone, then all parts in one grouped launch (:mod:`codegemm.siblings`)."""
-    device = torch.device("cuda")
     k, rows = shape.in_features, []
     for name in configs:
         config = CodebookConfig.from_name(name)
@@ -333,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
                                  dtype, aqlm, args, bandwidth)
             if args.siblings and shape.parts:
                 fp16 = [r for r in rows if (r.model, r.layer) == (model, shape.name)]
-                rows += _relate(_bench_siblings(model, shape, tokens_list, configs, dtype, args), fp16, bandwidth)
+                rows += _relate(_bench_siblings(model, shape, tokens_list, configs, dtype, args, torch.device("cuda")),
+                                fp16, bandwidth)
     sums = _block_sums(rows)
     gpu = device_name()
     print(format_table(rows, sums, bandwidth, gpu))
