@@ -159,3 +159,18 @@ def test_sizes_off_block_boundaries_stay_separate():
     parent.q_proj, parent.k_proj, parent.v_proj = (CodeGEMMLinear.from_unpacked(*_layer_tensors(n, i)) for i, n in
                                                   enumerate((1024, 1024, 8)))
     assert fuse_siblings(parent) == 1  # the last layer may have any size
+
+
+def test_grouped_op_rejects_bad_lists_before_any_kernel():
+    from codegemm.errors import ShapeError
+    from codegemm.ops.custom_ops import grouped_cuda_mm
+
+    codes, codebooks, scales = _layer_tensors(8, 0)
+    codes = codes.to(torch.uint8)
+    x = torch.randn(2, 32, dtype=torch.float16)
+    with pytest.raises(ShapeError, match="equal, non-zero length"):
+        grouped_cuda_mm(x, [codes, codes], [codebooks], [scales])
+    with pytest.raises(ShapeError, match="in_features=32"):
+        grouped_cuda_mm(torch.randn(2, 64, dtype=torch.float16), [codes], [codebooks], [scales])
+    with pytest.raises(ShapeError, match="sum of out_features=16"):
+        grouped_cuda_mm(x, [codes, codes], [codebooks] * 2, [scales] * 2, torch.zeros(8, dtype=torch.float16))
