@@ -4,7 +4,9 @@ Only the benchmark configs where Triton measurably falls short are compiled
 in: m2v8 and m1v4 with 8-bit codes, fp16 codebooks and scales, fp16/bf16
 activations, 1-16 tokens. Two kernels: the Psumbook GEMV (psumbook.cu) and
 the codebook tensor-core kernel (codebook_mma.cu: conflict-free centroid
-gathers + mma.sync), which costs the same for 1-16 tokens.
+gathers + mma.sync), which costs the same for 1-16 tokens. Both also serve
+sibling layers (q/k/v, gate/up) in one launch: :func:`grouped_psumbook_cuda`,
+:func:`grouped_mma_cuda` (``Segments`` in common.cuh).
 :func:`cuda_psumbook_eligible` / :func:`codebook_mma_eligible` say whether a
 call fits; everything else goes to the Triton kernels. The shared library lands in
 ``$CODEGEMM_CUDA_CACHE`` (default ``~/.cache/codegemm/cuda``) under a name
