@@ -9,7 +9,7 @@ How the calls meet: the transformers modules still call ``q_proj(h)``, ``k_proj(
 one after another. The first member called runs the whole group on ``h`` and keeps its siblings'
 outputs; a sibling called with that same tensor object takes its output and drops it. A sibling
 called with another input while its output is waiting, or any member when no grouped kernel fits the
-call (CPU, prefill, fine-tuning), runs alone, so grouping never changes what a module computes, only
+call (CPU, prefill, fine-tuning) or a sibling's weights are not on the input's device (offloaded), runs alone, so grouping never changes what a module computes, only
 how many launches it takes. This works
 eagerly, under ``torch.compile(fullgraph=True)`` and in captured CUDA graphs.
 """
@@ -74,6 +74,8 @@ class SiblingGroup:
             return out
         first = self.members[0]
         layers = [(layer.codes, layer.codebooks, layer.scales) for layer in self.members]
+        if any(codes.device != x.device for codes, _, _ in layers):
+            return None  # e.g. a sibling offloaded by accelerate: its weights arrive only in its own forward
         full = grouped_matmul(x2, layers, self._bias(), first.config, first.backend)
         if full is None:
             return None

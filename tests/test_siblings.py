@@ -174,3 +174,15 @@ def test_grouped_op_rejects_bad_lists_before_any_kernel():
         grouped_cuda_mm(torch.randn(2, 64, dtype=torch.float16), [codes], [codebooks], [scales])
     with pytest.raises(ShapeError, match="sum of out_features=16"):
         grouped_cuda_mm(x, [codes, codes], [codebooks] * 2, [scales] * 2, torch.zeros(8, dtype=torch.float16))
+
+
+def test_sibling_offloaded_to_meta_runs_alone(grouped_calls):
+    layers = [CodeGEMMLinear.from_unpacked(*_layer_tensors(n, seed)) for seed, n in enumerate((16, 8, 8))]
+    fuse_siblings_of(layers)
+    layers[1].codes = layers[1].codes.to("meta")  # what accelerate's disk/CPU offload leaves between calls
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        out = layers[0](x)
+    want = reference.psumbook_matmul(x, layers[0].codes, layers[0].codebooks, layers[0].scales, None, torch.float32)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert grouped_calls == []
