@@ -149,6 +149,27 @@ def codebook_matmul(
     return spec.fn(x, codes, codebooks, scales, bias)
 
 
+def select_grouped_kernel(
+    device: torch.device,
+    config: CodebookConfig,
+    tokens: int,
+    dtype: torch.dtype,
+    backend: Backend | str = Backend.AUTO,
+) -> KernelSpec | None:
+    """The grouped kernel for sibling layers of one call (see :func:`grouped_matmul`), or None."""
+    backend = Backend(backend)
+    if backend is Backend.REFERENCE:
+        return None
+    if device.type == "cuda":
+        _load_gpu_kernels()
+    for spec in _GROUPED_KERNELS:
+        if backend is not Backend.AUTO and spec.backend is not backend:
+            continue
+        if spec.supports(device, config, tokens, dtype):
+            return spec
+    return None
+
+
 def grouped_matmul(
     x: torch.Tensor,
     layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -160,14 +181,5 @@ def grouped_matmul(
     the same ``x``, in one launch; ``bias`` is their biases side by side. None when no grouped kernel fits
     the call: the caller then runs each layer through :func:`codebook_matmul`, which is what a grouped
     kernel's result equals up to fp32 summation order."""
-    backend = Backend(backend)
-    if backend is Backend.REFERENCE:
-        return None
-    if x.device.type == "cuda":
-        _load_gpu_kernels()
-    for spec in _GROUPED_KERNELS:
-        if backend is not Backend.AUTO and spec.backend is not backend:
-            continue
-        if spec.supports(x.device, config, x.shape[0], x.dtype):
-            return spec.fn(x, layers, bias)
-    return None
+    spec = select_grouped_kernel(x.device, config, x.shape[0], x.dtype, backend)
+    return None if spec is None else spec.fn(x, layers, bias)
