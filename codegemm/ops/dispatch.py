@@ -62,18 +62,31 @@ CPU_PSUMBOOK_MAX_TOKENS = 32
 """Above this many tokens, dequantize-then-matmul beats the Psumbook on CPU (docs/BENCHMARKS.md)."""
 
 
+def _register(registry: list[KernelSpec], spec: KernelSpec) -> None:
+    registry[:] = [k for k in registry if k.name != spec.name]
+    registry.append(spec)
+    registry.sort(key=lambda k: -k.priority)
+
+
 def register_kernel(spec: KernelSpec) -> None:
     """Add a kernel; later registrations with the same name replace earlier ones."""
-    _KERNELS[:] = [k for k in _KERNELS if k.name != spec.name]
-    _KERNELS.append(spec)
-    _KERNELS.sort(key=lambda k: -k.priority)
+    _register(_KERNELS, spec)
 
 
 def register_grouped_kernel(spec: KernelSpec) -> None:
     """Add a grouped kernel (see :func:`grouped_matmul`); same-name registrations replace earlier ones."""
-    _GROUPED_KERNELS[:] = [k for k in _GROUPED_KERNELS if k.name != spec.name]
-    _GROUPED_KERNELS.append(spec)
-    _GROUPED_KERNELS.sort(key=lambda k: -k.priority)
+    _register(_GROUPED_KERNELS, spec)
+
+
+def _first_fit(registry: list[KernelSpec], device: torch.device, config: CodebookConfig, tokens: int,
+               dtype: torch.dtype, backend: Backend) -> KernelSpec | None:
+    """The highest-priority kernel of ``registry`` in ``backend``'s family (any for AUTO) that takes the call."""
+    for spec in registry:
+        if backend is not Backend.AUTO and spec.backend is not backend:
+            continue
+        if spec.supports(device, config, tokens, dtype):
+            return spec
+    return None
 
 
 def _reference_fp32(x, codes, codebooks, scales, bias):
@@ -122,11 +135,9 @@ def select_kernel(
         return REFERENCE_KERNEL
     if device.type == "cuda" or backend in (Backend.TRITON, Backend.CUDA):
         _load_gpu_kernels()
-    for spec in _KERNELS:
-        if backend is not Backend.AUTO and spec.backend is not backend:
-            continue
-        if spec.supports(device, config, tokens, dtype):
-            return spec
+    spec = _first_fit(_KERNELS, device, config, tokens, dtype, backend)
+    if spec is not None:
+        return spec
     if backend is Backend.AUTO:
         return REFERENCE_KERNEL
     raise UnsupportedError(
@@ -162,12 +173,7 @@ def select_grouped_kernel(
         return None
     if device.type == "cuda":
         _load_gpu_kernels()
-    for spec in _GROUPED_KERNELS:
-        if backend is not Backend.AUTO and spec.backend is not backend:
-            continue
-        if spec.supports(device, config, tokens, dtype):
-            return spec
-    return None
+    return _first_fit(_GROUPED_KERNELS, device, config, tokens, dtype, backend)
 
 
 def grouped_matmul(

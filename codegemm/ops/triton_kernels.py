@@ -58,9 +58,11 @@ def _codebook_mma(x, codes, codebooks, scales, bias):
     return custom_ops.codebook_mma_mm(x, codes, codebooks, scales, bias)
 
 
-def _cuda_psumbook_ok(config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
+def _cuda_library_ok(dev: torch.device, config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
+    """A call the CUDA library's 1-16-token kernels are compiled for (the tensors are checked in the ops)."""
     return (
-        config.nbits == 8
+        dev.type == "cuda"
+        and config.nbits == 8
         and (config.num_codebooks, config.vec_len) in CUDA_CONFIGS
         and 1 <= tokens <= PSUMBOOK_MAX_TOKENS
         and dtype in (torch.float16, torch.bfloat16)
@@ -89,9 +91,7 @@ register_kernel(
         "cuda_codebook_mma",
         Backend.CUDA,
         lambda dev, cfg, tokens, dtype: (
-            dev.type == "cuda"
-            and _cuda_psumbook_ok(cfg, tokens, dtype)
-            and tokens >= MMA_MIN_TOKENS[(cfg.num_codebooks, cfg.vec_len)]
+            _cuda_library_ok(dev, cfg, tokens, dtype) and tokens >= MMA_MIN_TOKENS[(cfg.num_codebooks, cfg.vec_len)]
         ),
         _codebook_mma,
         priority=45,
@@ -101,7 +101,7 @@ register_kernel(
     KernelSpec(
         "cuda_psumbook",
         Backend.CUDA,
-        lambda dev, cfg, tokens, dtype: dev.type == "cuda" and _cuda_psumbook_ok(cfg, tokens, dtype),
+        _cuda_library_ok,
         _psumbook_cuda,
         priority=40,
     )
@@ -164,7 +164,7 @@ register_grouped_kernel(
     KernelSpec(
         "cuda_grouped",
         Backend.CUDA,
-        lambda dev, cfg, tokens, dtype: dev.type == "cuda" and _cuda_psumbook_ok(cfg, tokens, dtype),
+        _cuda_library_ok,
         _grouped_cuda,
         priority=40,
     )
