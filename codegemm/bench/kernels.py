@@ -88,6 +88,12 @@ def _quantized(config: CodebookConfig, n: int, k: int, device: torch.device, cop
     return [random_layer_tensors(config, n, k, device, torch.float16, generator) for _ in range(copies)]
 
 
+def _quantized_bytes(config: CodebookConfig, n: int, k: int) -> float:
+    """Bytes a call must read of one layer: codes, fp16 group scales and fp16 codebooks."""
+    return (n * (k // config.vec_len) * config.num_codebooks * (config.nbits / 8) + n * config.num_groups(k) * 2
+            + config.num_codebooks * config.codebook_size * config.vec_len * 2)
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
@@ -103,8 +109,7 @@ def _bench_siblings(model: str, shape: LinearShape, tokens_list: list[int], conf
     k, rows = shape.in_features, []
     for name in configs:
         config = CodebookConfig.from_name(name)
-        q_bytes = sum(n * (k // config.vec_len) * config.num_codebooks * (config.nbits / 8) + n * config.num_groups(k) * 2
-                      + config.num_codebooks * config.codebook_size * config.vec_len * 2 for n in shape.parts)
+        q_bytes = sum(_quantized_bytes(config, n, k) for n in shape.parts)
         copies = rotation_count(int(q_bytes), device)
         generator = torch.Generator(device=device).manual_seed(1)
         sets = [[random_layer_tensors(config, n, k, device, torch.float16, generator) for n in shape.parts]
@@ -148,8 +153,7 @@ def _bench_shape(model, layer, k, n, tokens_list, configs, dtype, aqlm, args, ba
     del weights
     for name in configs:
         config = CodebookConfig.from_name(name)
-        q_bytes = (n * (k // config.vec_len) * config.num_codebooks * (config.nbits / 8)
-                   + n * config.num_groups(k) * 2 + config.num_codebooks * config.codebook_size * config.vec_len * 2)
+        q_bytes = _quantized_bytes(config, n, k)
         copies = rotation_count(int(q_bytes), device)
         layers = _quantized(config, n, k, device, copies)
         for tokens in tokens_list:

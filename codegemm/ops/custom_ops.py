@@ -124,10 +124,10 @@ def _grouped_gpu(x, codes, codebooks, scales, bias):
     n = sum(c.shape[0] for c in codes)
     m, v = codes[0].shape[2], codebooks[0].shape[2]
     use_mma = tokens >= MMA_MIN_TOKENS.get((m, v), MAX_TOKENS + 1)
-    if use_mma and all(codebook_mma_eligible(x, *layer, None) for layer in layers):
-        if grouped_eligible(x, layers, bias, mma_rows_per_block(tokens, n, k, x.device)):
+    if use_mma:
+        if grouped_eligible(x, layers, bias, mma_rows_per_block(tokens, n, k, x.device), codebook_mma_eligible):
             return grouped_mma_cuda(x, layers, bias)
-    elif not use_mma:
+    else:
         rpt = psumbook_plan_rpt(tokens, None, n, codes[0].shape[1], m, x.device)
         if grouped_eligible(x, layers, bias, psumbook_rows_per_block(tokens, rpt)):
             return grouped_psumbook_cuda(x, layers, bias)

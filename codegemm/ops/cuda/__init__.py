@@ -25,7 +25,7 @@ import os
 import pathlib
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -167,16 +167,19 @@ def _rows(layers: Sequence[Layer]) -> list[int]:
     return [codes.shape[0] for codes, _, _ in layers]
 
 
-def grouped_eligible(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None, rows_per_block: int) -> bool:
-    """Whether sibling layers can share one launch: each fits the kernel alone, their K, config and scale
-    groups agree, and every layer but the last ends on a block boundary (a block's rows share one codebook)."""
+def grouped_eligible(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None, rows_per_block: int,
+                     fits: Callable[..., bool] | None = None) -> bool:
+    """Whether sibling layers can share one launch: each fits the kernel alone (``fits``, default
+    :func:`cuda_psumbook_eligible`), their K, config and scale groups agree, and every layer but the last
+    ends on a block boundary (a block's rows share one codebook)."""
+    fits = fits or cuda_psumbook_eligible
     if not 1 <= len(layers) <= MAX_SEGMENTS:
         return False
     codes0, codebooks0, scales0 = layers[0]
     for codes, codebooks, scales in layers:
         if codes.shape[1:] != codes0.shape[1:] or codebooks.shape != codebooks0.shape:
             return False
-        if scales.shape[1] != scales0.shape[1] or not cuda_psumbook_eligible(x, codes, codebooks, scales, None):
+        if scales.shape[1] != scales0.shape[1] or not fits(x, codes, codebooks, scales, None):
             return False
     if bias is not None and (bias.dtype != x.dtype or bias.shape[0] != sum(_rows(layers))):
         return False
