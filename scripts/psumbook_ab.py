@@ -6,6 +6,8 @@ VARIANT_DIR (default build/exp/psb) holds copies of psumbook.cu to compare, e.g.
 checked against the float64 reference and for run-to-run equality, then timed on the Llama-3 benchmark shapes
 beside fp16 cuBLAS and the tensor-core kernel. Env: CFGS (configs), SPLITS (multiples of the default split
 count), PERS (chunks per block instead), ONLY (one build), NOCHECK=1 (skip the checks).
+Variants must export the current entry points (since v9 the launchers take a `Segments` pointer, common.cuh):
+a psumbook.cu from before v9 has to be ported first.
 """
 import functools, glob, os, subprocess, sys
 
