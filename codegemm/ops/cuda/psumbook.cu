@@ -11,12 +11,19 @@
 // used to cost ~3.5 shared-memory wavefronts per warp-wide gather). The lane's code bytes are permuted once
 // per chunk (byte s <- byte s ^ H) to match. Entries are summed in fp32 and scaled by the row's group
 // scale; with two lanes per row, one shuffle at the end adds the halves.
+// The m2v8 Psumbook is built on the tensor cores (v10): per codebook it is the product of the chunk's activations
+// [16 vectors x 8] with the codebook's transpose [8 x 256], 64 mma.m16n8k8 per chunk (four per warp) instead of
+// 65536 FMAs and an fp32 codebook in shared memory. Products are exact and sums fp32: with bf16 activations each
+// fp16 centroid is split into two bf16 parts (hi + lo holds its 11 bits exactly), two mma per tile. m1v4 builds
+// with fp32 FMAs.
 // Splits write fp32 partials that codegemm_split_reduce sums in split order: bit-identical results.
 // Built at first use by codegemm/ops/cuda/__init__.py (nvcc -> shared library, called through ctypes).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -47,6 +54,43 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return r;
 }
 
+// Whether the Psumbook is built on the tensor cores (m2v8: a chunk's 16 vectors are one m16 tile of 8 inputs).
+template <int M, int V>
+__host__ __device__ constexpr bool tensor_core_build() { return M == 2 && V == 8; }
+// B-fragment words per centroid pair: fp16 centroids as they are; for bf16 activations, a bf16 hi and lo part.
+template <typename XT>
+__host__ __device__ constexpr int centroid_parts() { return std::is_same<XT, __half>::value ? 1 : 2; }
+
+// d += A * B for one m16n8k8 tile, inputs in the activations' type, fp32 accumulation. A: a0 = row g, a1 = row
+// g + 8, columns 2 * tq, 2 * tq + 1; B: rows 2 * tq, 2 * tq + 1, column g; d: rows g, g + 8 x columns 2 * tq, 2 * tq + 1.
+template <typename XT>
+__device__ __forceinline__ void mma_m16n8k8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b) {
+  if constexpr (std::is_same<XT, __half>::value) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b));
+  }
+}
+
+// Two fp16 centroid values as B-fragment words in XT: fp16 as is; bf16 as hi = bf16(c) and lo = bf16(c - hi).
+template <typename XT>
+__device__ __forceinline__ void centroid_words(uint32_t w, uint32_t (&out)[centroid_parts<XT>()]) {
+  if constexpr (std::is_same<XT, __half>::value) {
+    out[0] = w;
+  } else {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    const __nv_bfloat162 hi = __float22bfloat162_rn(f);
+    const float2 fh = __bfloat1622float2(hi);
+    const __nv_bfloat162 lo = __float22bfloat162_rn(make_float2(f.x - fh.x, f.y - fh.y));
+    out[0] = *reinterpret_cast<const uint32_t*>(&hi);
+    out[1] = *reinterpret_cast<const uint32_t*>(&lo);
+  }
+}
+
 template <int M, int V, int RPT, int MAXT, int LANES, typename XT>
 __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbook_kernel(
     const XT* __restrict__ x, int tokens, int stride_x, const Segments segs, const XT* __restrict__ bias,
@@ -56,13 +100,15 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   constexpr int JT = 32 / M;
   constexpr int KT = JT * V;
   constexpr int ENTRIES = 32 * CENTROIDS;
+  constexpr bool TC = tensor_core_build<M, V>();
+  constexpr int PARTS = centroid_parts<XT>();
   extern __shared__ __align__(16) float smem[];
   // Codebook i starts at i * CB_STRIDE floats: the 4-float pad puts the builders' two broadcast reads of
   // centroid c (one per codebook) in different banks.
   constexpr int CB_STRIDE = CENTROIDS * V + 4;
-  float* psum = smem;                  // [256][32]: entry (c, q = j * M + i) at c * 32 + q
-  float* cbs = psum + ENTRIES;         // [M][CB_STRIDE] fp32 codebooks
-  float* xs = cbs + M * CB_STRIDE;     // [MAXT][KT]
+  float* psum = smem;                              // [256][32]: entry (c, q = j * M + i) at c * 32 + q
+  float* cbs = psum + ENTRIES;                     // [M][CB_STRIDE] fp32 codebooks (FMA build only)
+  float* xs = cbs + (TC ? 0 : M * CB_STRIDE);      // [MAXT][KT]: fp32 (FMA build), the input dtype (tensor cores)
 
   const int tid = threadIdx.x;
   // Row role: LANES lanes per row, each with 32 / LANES of its code bytes per chunk. With two, one
@@ -92,11 +138,34 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   const int bc0 = (tid >> 5) * (CENTROIDS / (THREADS / 32));
   const float* my_book = cbs + (bq % M) * CB_STRIDE;
   static_assert((M * CENTROIDS * V / 2) % THREADS == 0, "whole rounds of the codebook copy");
+  if constexpr (!TC) {
 #pragma unroll
-  for (int e = tid; e < M * CENTROIDS * V / 2; e += THREADS) {  // unrolled: all loads in flight at once
-    const int book = e / (CENTROIDS * V / 2);
-    const float2 f = __half22float2(reinterpret_cast<const __half2*>(codebooks)[e]);
-    *reinterpret_cast<float2*>(cbs + book * CB_STRIDE + 2 * (e % (CENTROIDS * V / 2))) = f;
+    for (int e = tid; e < M * CENTROIDS * V / 2; e += THREADS) {  // unrolled: all loads in flight at once
+      const int book = e / (CENTROIDS * V / 2);
+      const float2 f = __half22float2(reinterpret_cast<const __half2*>(codebooks)[e]);
+      *reinterpret_cast<float2*>(cbs + book * CB_STRIDE + 2 * (e % (CENTROIDS * V / 2))) = f;
+    }
+  }
+  // Tensor-core build: warp w computes centroids 16 w .. 16 w + 15 (two 8-centroid n-tiles) of both codebooks
+  // for all 16 vectors of the chunk. Its B fragments (centroid halves) are loaded once per block. The lane's four
+  // results per (n-tile, centroid) belong to (vector g or g + 8) x (codebook 0 or 1); lane tq stores them rotated
+  // by tq, so every warp-wide store hits 32 distinct banks (bank = 2 * vector + codebook).
+  const int g = (tid & 31) >> 2, tq = tid & 3;
+  uint32_t bfrag[2][2][PARTS];
+  uint32_t store_off[4];
+  if constexpr (TC) {
+    const uint32_t* book_words = reinterpret_cast<const uint32_t*>(codebooks);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        centroid_words<XT>(__ldg(book_words + (i * CENTROIDS + (tid >> 5) * 16 + nt * 8 + g) * (V / 2) + tq),
+                           bfrag[nt][i]);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int r = (tq + k) & 3;  // result r: vector g + 8 * (r >> 1), codebook r & 1
+      store_off[k] = static_cast<uint32_t>(((tid >> 5) * 16 + 2 * tq) * 32 + 2 * g + 16 * (r >> 1) + (r & 1));
+    }
   }
 
   // Gather role: this lane's tables are H ^ s (s = 0 .. CODES - 1), distinct across the warp's lanes.
@@ -173,7 +242,10 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
 #pragma unroll
     for (int u = 0; u < XPT; ++u) {
       const int i = tid + u * THREADS;
-      if (i < tokens * KT) xs[i] = to_float(xr[u]);
+      if (i < tokens * KT) {
+        if constexpr (TC) reinterpret_cast<XT*>(xs)[i] = xr[u];
+        else xs[i] = to_float(xr[u]);
+      }
     }
     if (chunk + 1 < chunk_hi) fetch_x(chunk + 1);
     fetch_codes(chunk);
@@ -182,7 +254,30 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
     for (int t = 0; t < MAXT; ++t) {
       if (t >= tokens) break;
       if (t > 0) __syncthreads();  // token t-1's gathers are done
-      {
+      if constexpr (TC) {
+        // A = the chunk's activations [vector j][dim] (row j = g: words g * 4 + tq), B = a codebook's transpose.
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(reinterpret_cast<const XT*>(xs) + t * KT);
+        const uint32_t a0 = xw[g * 4 + tq], a1 = xw[(g + 8) * 4 + tq];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          float d[2][4] = {};
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int part = 0; part < PARTS; ++part) mma_m16n8k8<XT>(d[i], a0, a1, bfrag[nt][i][part]);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {  // centroid 2 * tq + e of the n-tile
+            float v0 = d[0][e], v1 = d[1][e], v2 = d[0][2 + e], v3 = d[1][2 + e];  // results r = 0 .. 3
+            if (tq & 1) { const float w = v0; v0 = v1; v1 = v2; v2 = v3; v3 = w; }
+            if (tq & 2) { float w = v0; v0 = v2; v2 = w; w = v1; v1 = v3; v3 = w; }
+            float* out_e = psum + (nt * 8 + e) * 32;
+            out_e[store_off[0]] = v0;
+            out_e[store_off[1]] = v1;
+            out_e[store_off[2]] = v2;
+            out_e[store_off[3]] = v3;
+          }
+        }
+      } else {
         float xj[V];  // this builder's v-slice of the activations (vector j = q / M)
         const float4* xv = reinterpret_cast<const float4*>(xs + t * KT + (bq / M) * V);
 #pragma unroll
@@ -253,7 +348,9 @@ template <int M, int V, int RPT, int MAXT, int LANES, typename XT>
 int launch_psumbook(const void* x, int tokens, int stride_x, const Segments& segs, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
                     int groups, int vectors_per_group, int splits, cudaStream_t stream) {
   constexpr int JT = 32 / M;
-  const int smem = (32 * CENTROIDS + M * (CENTROIDS * V + 4) + MAXT * JT * V) * 4;
+  constexpr bool TC = tensor_core_build<M, V>();
+  const int smem = (32 * CENTROIDS + (TC ? 0 : M * (CENTROIDS * V + 4))) * 4 +
+                   MAXT * JT * V * (TC ? static_cast<int>(sizeof(XT)) : 4);
   if (!segs.aligned(THREADS / LANES * RPT)) return static_cast<int>(cudaErrorInvalidValue);
   auto kernel = psumbook_kernel<M, V, RPT, MAXT, LANES, XT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
