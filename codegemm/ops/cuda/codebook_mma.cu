@@ -88,6 +88,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
     int chunks_per_group, int chunks_per_split) {
   static_assert((M == 2 && V == 8) || (M == 1 && V == 4), "m2v8 or m1v4");
   using Tr = MmaTraits<XT>;
+  allow_dependent_launch();  // the split-K reduce may launch now (common.cuh)
   constexpr int COPIES = codebook_copies<V>();
   constexpr int CB_BYTES = codebook_bytes<M, V>();
   extern __shared__ __align__(16) uint8_t smem[];

@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
 
 // Sibling layers that read the same activations (q/k/v, gate/up), stacked along the output rows so that one
@@ -81,9 +82,31 @@ __device__ __forceinline__ const uint8_t* replicate_codebook(uint8_t* cbs, const
   return cbs + ((threadIdx.x & 31) % COPIES) * V * 2;
 }
 
+// Programmatic dependent launch (Hopper and later): the split-K reduce is launched while the matmul's blocks still
+// run, so its launch latency hides behind their tail; it waits in griddepcontrol.wait until the matmul grid has
+// finished and its partials are visible. The matmul kernels allow it as soon as all their blocks are running.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_primary_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Whether the current device takes programmatic dependent launches (compute capability 9.0 and later).
+inline bool dependent_launch_supported() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 9;
+}
+
 template <typename XT>
 __global__ void split_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,
                                     XT* __restrict__ out, int total, int n_rows, int splits) {
+  wait_for_primary_grid();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= total) return;
   float s = 0.f;
@@ -97,9 +120,17 @@ template <typename XT>
 int launch_split_reduce(const float* partial, const void* bias, void* out, int tokens, int n_rows, int splits,
                         cudaStream_t stream) {
   const int total = tokens * n_rows;
-  split_reduce_kernel<XT><<<(total + 255) / 256, 256, 0, stream>>>(
-      partial, static_cast<const XT*>(bias), static_cast<XT*>(out), total, n_rows, splits);
-  return static_cast<int>(cudaGetLastError());
+  cudaLaunchAttribute dependent;
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((total + 255) / 256);
+  config.blockDim = dim3(256);
+  config.stream = stream;
+  config.attrs = &dependent;
+  config.numAttrs = dependent_launch_supported() ? 1 : 0;
+  return static_cast<int>(cudaLaunchKernelEx(&config, split_reduce_kernel<XT>, partial, static_cast<const XT*>(bias),
+                                             static_cast<XT*>(out), total, n_rows, splits));
 }
 
 }  // namespace

@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
     int vectors_per_group, int chunks_per_split) {
   static_assert(THREADS == 2 * CENTROIDS && (M == 1 || M == 2), "16 warps build 16 centroids each");
   constexpr int JT = 32 / M;
+  allow_dependent_launch();  // the split-K reduce may launch now (common.cuh)
   constexpr int KT = JT * V;
   constexpr int ENTRIES = 32 * CENTROIDS;
   constexpr bool TC = tensor_core_build<M, V>();
