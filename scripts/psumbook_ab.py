@@ -7,7 +7,8 @@ checked against the float64 reference and for run-to-run equality, then timed on
 beside fp16 cuBLAS and the tensor-core kernel. Env: CFGS (configs), SPLITS (multiples of the default split
 count), PERS (chunks per block instead), ONLY (one build), NOCHECK=1 (skip the checks).
 Variants must export the current entry points (since v9 the launchers take a `Segments` pointer, common.cuh):
-a psumbook.cu from before v9 has to be ported first.
+a psumbook.cu from before v9 has to be ported first. A `common.cuh` in VARIANT_DIR is what the variants include
+(quoted includes look beside the file first), e.g. the previous version's, so a change there is A/B'd too.
 """
 import functools, glob, os, subprocess, sys
 
