@@ -1,0 +1,19 @@
+"""One-token CUDA Psumbook on two benchmark shapes, to run under Nsight Compute (docs/KERNELS.md v10):
+
+    ncu --clock-control none --kernel-name regex:psumbook_kernel --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section Occupancy python3 scripts/profile_psumbook.py
+
+profiles the third launch, the 8192x57344 layer (Llama-3-70B gate_up). Needs PYTHONPATH=. and a GPU.
+"""
+import torch
+from codegemm.random_model import random_layer_tensors
+from codegemm.ops import cuda as cu
+dev = torch.device("cuda")
+gen = torch.Generator(device=dev).manual_seed(0)
+for k, n in [(8192, 57344), (4096, 28672)]:
+    codes, cb, s = random_layer_tensors("m2v8g128", n, k, dev, torch.float16, gen)
+    x = torch.randn(1, k, device=dev, dtype=torch.float16)
+    for _ in range(4):
+        cu.psumbook_matmul_cuda(x, codes, cb, s, None)
+    torch.cuda.synchronize()
+print("done")
