@@ -20,9 +20,18 @@ tensor         dtype                         shape and meaning
 The dense weight is
 ``W[n, j*v + t] = scales[n, (j*v + t) // g] * sum_i codebooks[i, codes[n, j, i], t]``.
 
-Kernels read ``codes`` in exactly this layout: a row's codes are contiguous,
-so one 16-byte load fetches ``16 / m`` consecutive vectors of a row. Checkpoints
-store the same tensors under the module's prefix (``<module>.codes`` etc.).
+Checkpoints store these tensors under the module's prefix (``<module>.codes``
+etc.), and every kernel reads them as they are.
+
+**Tiled layout (GPU, in memory only).** A one-token GPU kernel reads, per
+block, the same 32 code bytes (one *chunk*: ``32 / m`` vectors) of many
+consecutive rows. Row-major, each row's chunk sits in its own cache line, and
+each row's 2-byte scale costs a 32-byte sector of its own. :func:`tile_codes`
+stores the codes ``[K*m / (32*v), N, 32]`` (chunk-major: consecutive rows'
+chunks adjacent) and :func:`tile_scales` the scales ``[K // g, N]``, so a warp's
+loads touch 4x fewer cache lines. The CUDA kernels take both layouts (strides);
+:meth:`CodeGEMMLinear.tile_ <codegemm.nn.CodeGEMMLinear.tile_>` switches a
+layer, and its ``state_dict`` is row-major whatever the layout in memory.
 """
 
 from __future__ import annotations
@@ -40,3 +49,44 @@ def pack_codes(codes: torch.Tensor, config: CodebookConfig) -> torch.Tensor:
 def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
     """Stored codes back to ``int64 [N, K // v, m]`` for indexing."""
     return codes.long()
+
+
+TILE_BYTES = 32
+"""Code bytes of one row per chunk of the tiled layout (one 32-byte sector)."""
+
+
+def can_tile(config: CodebookConfig, in_features: int) -> bool:
+    """Whether a layer's codes split into whole 32-byte chunks per row (8-bit codes, ``m`` divides 32)."""
+    m = config.num_codebooks
+    return config.nbits <= 8 and TILE_BYTES % m == 0 and (in_features // config.vec_len) % (TILE_BYTES // m) == 0
+
+
+def tile_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Row-major uint8 codes ``[N, K // v, m]`` -> tiled ``[chunks, N, 32]`` (contiguous)."""
+    n = codes.shape[0]
+    return codes.reshape(n, -1, TILE_BYTES).transpose(0, 1).contiguous()
+
+
+def untile_codes(tiled: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+    """Tiled codes ``[chunks, N, 32]`` -> row-major ``[N, K // v, m]`` (contiguous)."""
+    n = tiled.shape[1]
+    return tiled.transpose(0, 1).reshape(n, -1, num_codebooks).contiguous()
+
+
+def tile_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Row-major scales ``[N, K // g]`` -> tiled ``[K // g, N]`` (contiguous)."""
+    return scales.t().contiguous()
+
+
+def untile_scales(tiled: torch.Tensor) -> torch.Tensor:
+    """Tiled scales ``[K // g, N]`` -> a row-major ``[N, K // g]`` view (differentiable, not contiguous)."""
+    return tiled.t()
+
+
+def as_rows(codes: torch.Tensor, scales: torch.Tensor, num_codebooks: int,
+            tiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scales)`` row-major whatever their layout: a copy of tiled tensors, the tensors themselves
+    otherwise. For kernels that only read row-major tables."""
+    if not tiled:
+        return codes, scales
+    return untile_codes(codes, num_codebooks), untile_scales(scales)

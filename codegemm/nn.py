@@ -8,7 +8,7 @@ from torch import nn
 from codegemm import reference
 from codegemm.config import CodebookConfig, as_config, nbits_for_codebook_size
 from codegemm.errors import ConfigError, ShapeError
-from codegemm.layout import pack_codes
+from codegemm.layout import can_tile, pack_codes, tile_codes, tile_scales, untile_codes, untile_scales
 from codegemm.ops.dispatch import Backend, codebook_matmul
 from codegemm.validation import check_activations, check_codes, check_float, check_shape, expected_shapes
 
@@ -20,6 +20,9 @@ class CodeGEMMLinear(nn.Module):
     that fine-tuning can train them; ``codes`` is an integer buffer.
     ``forward`` routes through :func:`codegemm.ops.codebook_matmul`, or through
     a differentiable dequantize-and-matmul when gradients are needed.
+    :meth:`tile_` switches ``codes`` and ``scales`` to the tiled GPU layout
+    (``tiled`` is then True); ``state_dict`` is row-major in either layout, and
+    :meth:`row_tables` gives the row-major tensors.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class CodeGEMMLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.tiled = False  # codes [chunks, N, 32] and scales [K // g, N] (codegemm.layout) when True
         # Set by codegemm.siblings.fuse_siblings: the group whose launch also computes this layer.
         self._siblings = None
         self._sibling_index = 0
@@ -111,14 +115,57 @@ class CodeGEMMLinear(nn.Module):
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
 
+    def row_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes [N, K//v, m], scales [N, K//g])`` row-major: the buffers themselves, or when tiled a copy of
+        the codes and a (differentiable) view of the scales."""
+        if not self.tiled:
+            return self.codes, self.scales
+        return untile_codes(self.codes, self.config.num_codebooks), untile_scales(self.scales)
+
+    def tile_(self) -> CodeGEMMLinear:
+        """Switch to the tiled layout (:mod:`codegemm.layout`), which the CUDA kernels read with 4x fewer cache
+        lines per warp; the other kernels then work on a row-major copy per call, so tile layers that run on
+        the GPU. A no-op when already tiled or when the config does not tile (more than 8 bits, 32 % m != 0,
+        K not in whole chunks). Returns ``self``."""
+        if not self.tiled and can_tile(self.config, self.in_features):
+            self.codes = tile_codes(self.codes)
+            self.scales.data = tile_scales(self.scales.data)
+            self.tiled = True
+        return self
+
+    def untile_(self) -> CodeGEMMLinear:
+        """Back to the row-major layout; returns ``self``."""
+        if self.tiled:
+            codes, scales = self.row_tables()
+            self.codes = codes
+            self.scales.data = scales.contiguous()
+            self.tiled = False
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:  # checkpoints are row-major whatever the layout in memory
+            codes, scales = self.row_tables()
+            destination[prefix + "codes"] = codes
+            destination[prefix + "scales"] = scales.contiguous() if keep_vars else scales.detach().contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        tiled = self.tiled
+        self.untile_()  # the state dict is row-major
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if tiled:
+            self.tile_()
+
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(codes int64 [N, K//v, m], codebooks [m, 2**b, v], scales [N, K//g])`` as stored."""
-        return self.codes.long(), self.codebooks.detach().clone(), self.scales.detach().clone()
+        """``(codes int64 [N, K//v, m], codebooks [m, 2**b, v], scales [N, K//g])`` row-major."""
+        codes, scales = self.row_tables()
+        return codes.long(), self.codebooks.detach().clone(), scales.detach().clone()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense weight ``[N, K]`` (in the codebooks' dtype unless ``dtype`` is given)."""
         dtype = dtype or self.codebooks.dtype
-        return reference.dequantize(self.codes, self.codebooks, self.scales, torch.float32).to(dtype)
+        codes, scales = self.row_tables()
+        return reference.dequantize(codes, self.codebooks, scales, torch.float32).to(dtype)
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (
@@ -134,17 +181,19 @@ class CodeGEMMLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self._needs_grad(x):
-            weight = reference.dequantize(self.codes, self.codebooks, self.scales, torch.float32)
+            codes, scales = self.row_tables()
+            weight = reference.dequantize(codes, self.codebooks, scales, torch.float32)
             bias = None if self.bias is None else self.bias.float()
             out = torch.nn.functional.linear(x2.float(), weight, bias).to(x.dtype)
         else:
             out = None if self._siblings is None else self._siblings.matmul(self._sibling_index, x, x2)
             if out is None:
-                out = codebook_matmul(x2, self.codes, self.codebooks, self.scales, self.bias, self.config, self.backend)
+                out = codebook_matmul(x2, self.codes, self.codebooks, self.scales, self.bias, self.config, self.backend,
+                                      self.tiled)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, config={self.config.name}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}" + (", tiled" if self.tiled else "")
         )

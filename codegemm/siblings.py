@@ -24,7 +24,7 @@ from torch import nn
 from codegemm.errors import ConfigError
 from codegemm.nn import CodeGEMMLinear
 from codegemm.ops.cuda import SEGMENT_ROW_MULTIPLE
-from codegemm.ops.dispatch import select_grouped_kernel
+from codegemm.ops.dispatch import grouped_matmul
 
 SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Child names of one parent module that read the same input in decoder-only transformers models."""
@@ -76,10 +76,12 @@ class SiblingGroup:
         layers = [(layer.codes, layer.codebooks, layer.scales) for layer in self.members]
         if any(codes.device != x.device for codes, _, _ in layers):
             return None  # e.g. a sibling offloaded by accelerate: its weights arrive only in its own forward
-        spec = select_grouped_kernel(x2.device, first.config, x2.shape[0], x2.dtype, first.backend)
-        if spec is None:
+        if any(layer.tiled != first.tiled for layer in self.members):
+            return None  # one launch reads one layout
+        out = grouped_matmul(x2, layers, self._bias(), first.config, first.backend, first.tiled)
+        if out is None:
             return None
-        outs = spec.fn(x2, layers, self._bias()).split(self.sizes, dim=1)
+        outs = out.split(self.sizes, dim=1)
         rest = {i: out for i, out in enumerate(outs) if i != index}
         self._pending = (x, rest)
         return outs[index]

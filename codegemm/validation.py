@@ -106,3 +106,39 @@ def check_quantized_metadata(
             f"got {codes.device}, {codebooks.device}, {scales.device}"
         )
     return n, num_vectors * codebooks.shape[2], m
+
+
+def check_tiled_metadata(
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+) -> tuple[int, int, int]:
+    """:func:`check_quantized_metadata` for the tiled layout (:mod:`codegemm.layout`): uint8 codes
+    ``[chunks, N, 32]``, scales ``[K // g, N]``. Returns ``(out_features, in_features, num_codebooks)``."""
+    if codes.dim() != 3 or codes.dtype != torch.uint8 or codes.shape[2] != 32:
+        raise ShapeError(
+            f"tiled codes must be a uint8 tensor (chunks, out_features, 32); got {codes.dtype} {tuple(codes.shape)}"
+        )
+    chunks, n, _ = codes.shape
+    if codebooks.dim() != 3 or codebooks.dtype not in KERNEL_FLOAT_DTYPES or 32 % codebooks.shape[0]:
+        raise ShapeError(
+            "codebooks must be a float16/bfloat16/float32 tensor (num_codebooks dividing 32, 2**nbits, vec_len); "
+            f"got {codebooks.dtype} {tuple(codebooks.shape)}"
+        )
+    m, _, v = codebooks.shape
+    num_vectors = chunks * 32 // m
+    if scales.dim() != 2 or scales.dtype not in KERNEL_FLOAT_DTYPES or scales.shape[1] != n or scales.shape[0] == 0:
+        raise ShapeError(
+            f"tiled scales must be a float tensor (in_features // group_size, out_features={n}); "
+            f"got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if num_vectors % scales.shape[0]:
+        raise ShapeError(
+            f"tiled scales.shape[0]={scales.shape[0]} must divide the {num_vectors} vectors of a row"
+        )
+    if len({codes.device, codebooks.device, scales.device}) != 1:
+        raise DTypeError(
+            "codes, codebooks and scales must be on one device; "
+            f"got {codes.device}, {codebooks.device}, {scales.device}"
+        )
+    return n, num_vectors * v, m

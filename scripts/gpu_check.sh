@@ -24,7 +24,8 @@ for step in $STEPS; do
   case "$step" in
   tests)
     echo "== GPU tests"
-    python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu_kernels.py tests/test_grouped_gpu.py tests/test_triton_kernels.py \
+    python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu_kernels.py tests/test_grouped_gpu.py tests/test_tiled_gpu.py \
+      tests/test_triton_kernels.py \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30 || status=1
     ;;
   memcheck)
@@ -32,6 +33,7 @@ for step in $STEPS; do
     cat > /tmp/memcheck_sweep.py <<'PY'
 import torch
 from codegemm import CodebookConfig
+from codegemm.layout import can_tile, tile_codes, tile_scales
 from codegemm.ops.dispatch import codebook_matmul
 torch.manual_seed(0)
 for name, n, k in [("m2v8g128", 300, 384), ("m1v4g128", 77, 256), ("m3b6v8g24", 45, 144), ("m4b4v16", 33, 208),
@@ -46,6 +48,8 @@ for name, n, k in [("m2v8g128", 300, 384), ("m1v4g128", 77, 256), ("m3b6v8g24", 
             x = torch.randn(tokens, k, device="cuda", dtype=dtype)
             bias = torch.randn(n, device="cuda", dtype=dtype) if tokens % 2 else None
             codebook_matmul(x, codes, books, scales, bias, cfg)
+            if can_tile(cfg, k):
+                codebook_matmul(x, tile_codes(codes), books, tile_scales(scales), bias, cfg, tiled=True)
 from codegemm.ops.dispatch import grouped_matmul
 cfg = CodebookConfig.from_name("m2v8g128")
 for sizes, k in [((2048, 1024, 1024), 1024), ((1024, 256, 256), 512), ((3072, 2048), 256)]:
@@ -54,6 +58,8 @@ for sizes, k in [((2048, 1024, 1024), 1024), ((1024, 256, 256), 512), ((3072, 20
               for n in sizes]
     for tokens in (1, 3, 16):
         grouped_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16), layers, None, cfg)
+        grouped_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16),
+                       [(tile_codes(c), b, tile_scales(s)) for c, b, s in layers], None, cfg, tiled=True)
 torch.cuda.synchronize()
 print("memcheck sweep ran")
 PY

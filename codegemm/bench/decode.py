@@ -31,6 +31,7 @@ from codegemm.bench.decode_profile import format_profile, profile_decode
 from codegemm.bench.models import (
     AQLM_FORMATS,
     CODEGEMM,
+    CODEGEMM_ROWS,
     CODEGEMM_SEPARATE,
     FP16,
     aqlm_available,
@@ -61,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache length (default: prompt + tokens rounded up to 256; e.g. 4096)")
     parser.add_argument("--backends", default="fp16,codegemm,aqlm",
                         help="comma-separated: fp16, codegemm, codegemm-separate (q/k/v and gate/up not grouped), "
-                             "aqlm (= aqlm-2x8,aqlm-1x16), aqlm-2x8, aqlm-1x16")
+                             "codegemm-rows (tables not tiled on the GPU), aqlm (= aqlm-2x8,aqlm-1x16), aqlm-2x8, "
+                             "aqlm-1x16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float16", choices=sorted(_DTYPES))
     parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
@@ -235,7 +237,8 @@ def run_plan(plan: Plan, warmup: int = 16, compile: bool | None = None, hf_gener
         weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         logger.info("%s: built in %.1f s, %.2f GiB of weights", backend, build_s, weights / 2**30)
         gen = FastGenerator(model, max_batch_size=max(plan.batches), max_cache_len=plan.cache_len, compile=compile,
-                            decode_attention=decode_attention, group_siblings=backend != CODEGEMM_SEPARATE)
+                            decode_attention=decode_attention, group_siblings=backend != CODEGEMM_SEPARATE,
+                            tile_layers=backend != CODEGEMM_ROWS)
         for batch in plan.batches:
             try:
                 row = _measure(gen, model, plan, batch, warmup, hf_generate and backend == CODEGEMM, seed, profile)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from codegemm import reference
 from codegemm.bench.timing import copy_bandwidth, device_name, l2_bytes, rotation_count, time_calls
 from codegemm.config import CodebookConfig
+from codegemm.layout import can_tile, tile_codes, tile_scales
 from codegemm.ops.dispatch import Backend, codebook_matmul, grouped_matmul, select_kernel
 from codegemm.random_model import random_layer_tensors
 from codegemm.shapes import BENCH_TOKENS, DECODER_BLOCKS, LinearShape
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time qkv and gate_up as separate layers (own codebooks), one launch each and grouped")
     parser.add_argument("--triton-too", action="store_true",
                         help="also time the Triton kernels where the CUDA kernel is the default")
+    parser.add_argument("--rows-too", action="store_true",
+                        help="also time the row-major stored layout (rows 'codegemm-CONFIG-rows'); the default rows "
+                             "use the tiled GPU layout that models on a GPU run (codegemm.layout)")
     parser.add_argument("--dequant-too", action="store_true",
                         help="also time the Triton dequantize-in-registers GEMM at every token count")
     parser.add_argument("--tune", choices=["triton", "cuda", "both"],
@@ -88,6 +92,23 @@ def _quantized(config: CodebookConfig, n: int, k: int, device: torch.device, cop
     return [random_layer_tensors(config, n, k, device, torch.float16, generator) for _ in range(copies)]
 
 
+def _tiled(layers: list, config: CodebookConfig, k: int) -> list | None:
+    """The layers in the tiled GPU layout (what a model on the GPU holds after ``tile_``), or None when the
+    config does not tile."""
+    if not can_tile(config, k):
+        return None
+    return [(tile_codes(codes), cb, tile_scales(s)) for codes, cb, s in layers]
+
+
+def _layouts(layers: list, config: CodebookConfig, k: int, rows_too: bool) -> list[tuple[str, list, bool]]:
+    """``(kernel-name suffix, layers, tiled)`` to time: the tiled layout where the config has one (else the
+    row-major one), plus the row-major one as ``-rows`` when asked."""
+    tiled = _tiled(layers, config, k)
+    if tiled is None:
+        return [("", layers, False)]
+    return [("", tiled, True)] + ([("-rows", layers, False)] if rows_too else [])
+
+
 def _quantized_bytes(config: CodebookConfig, n: int, k: int) -> float:
     """Bytes a call must read of one layer: codes, fp16 group scales and fp16 codebooks."""
     return (n * (k // config.vec_len) * config.num_codebooks * (config.nbits / 8) + n * config.num_groups(k) * 2
@@ -114,13 +135,18 @@ def _bench_siblings(model: str, shape: LinearShape, tokens_list: list[int], conf
         generator = torch.Generator(device=device).manual_seed(1)
         sets = [[random_layer_tensors(config, n, k, device, torch.float16, generator) for n in shape.parts]
                 for _ in range(copies)]
+        row_sets = sets[0]  # row-major, for the reference
+        tiled = can_tile(config, k)  # time the layout a model on the GPU holds
+        if tiled:
+            sets = [[(tile_codes(c), cb, tile_scales(s)) for c, cb, s in layers] for layers in sets]
         for tokens in tokens_list:
             x = torch.randn(tokens, k, device=device, dtype=dtype)
-            one_by_one = lambda layers: [codebook_matmul(x, *layer, None, config) for layer in layers]  # noqa: E731
-            together = lambda layers: grouped_matmul(x, layers, None, config)  # noqa: E731
+            one_by_one = lambda layers: [codebook_matmul(x, *layer, None, config, tiled=tiled)  # noqa: E731
+                                         for layer in layers]
+            together = lambda layers: grouped_matmul(x, layers, None, config, tiled=tiled)  # noqa: E731
             ref = None
             if not args.no_check:
-                ref = torch.cat([reference.dense_matmul(x, *layer, None, torch.float64) for layer in sets[0]], dim=1)
+                ref = torch.cat([reference.dense_matmul(x, *layer, None, torch.float64) for layer in row_sets], dim=1)
             for suffix, fn, impl in (("-separate", one_by_one, f"{len(shape.parts)} launches"),
                                      ("-grouped", together, "grouped launch")):
                 if fn(sets[0]) is None:
@@ -159,16 +185,18 @@ def _bench_shape(model, layer, k, n, tokens_list, configs, dtype, aqlm, args, ba
         for tokens in tokens_list:
             x = torch.randn(tokens, k, device=device, dtype=dtype)
             spec = select_kernel(device, config, tokens, dtype)
-            calls = [functools.partial(codebook_matmul, x, c, cb, s, None, config) for c, cb, s in layers]
-            t = time_calls(calls, replays=args.replays)
-            row = Row(model, layer, k, n, tokens, f"codegemm-{name}", t.median_us, t.p20_us, t.p80_us,
-                      int(q_bytes) + act_bytes(tokens), copies, impl=spec.name)
             ref = None
             if not args.no_check:
-                codes, cb, s = layers[0]
-                ref = reference.dense_matmul(x, codes, cb, s, None, torch.float64)
-                row.rel_err = _rel_err(codebook_matmul(x, codes, cb, s, None, config), ref)
-            rows.append(row)
+                ref = reference.dense_matmul(x, *layers[0], None, torch.float64)
+            for suffix, timed, tiled in _layouts(layers, config, k, args.rows_too):
+                calls = [functools.partial(codebook_matmul, x, c, cb, s, None, config, tiled=tiled)
+                         for c, cb, s in timed]
+                t = time_calls(calls, replays=args.replays)
+                row = Row(model, layer, k, n, tokens, f"codegemm-{name}{suffix}", t.median_us, t.p20_us, t.p80_us,
+                          int(q_bytes) + act_bytes(tokens), copies, impl=spec.name + (" (tiled)" if tiled else ""))
+                if ref is not None:
+                    row.rel_err = _rel_err(codebook_matmul(x, *timed[0], None, config, tiled=tiled), ref)
+                rows.append(row)
             if args.triton_too and spec.backend is not Backend.TRITON:
                 tspec = select_kernel(device, config, tokens, dtype, Backend.TRITON)
                 calls = [functools.partial(codebook_matmul, x, c, cb, s, None, config, Backend.TRITON)

@@ -29,11 +29,13 @@ FP16 = "fp16"
 CODEGEMM = "codegemm"
 CODEGEMM_SEPARATE = "codegemm-separate"
 """The codegemm model with its q/k/v and gate/up launched one layer at a time (the A/B of siblings grouping)."""
+CODEGEMM_ROWS = "codegemm-rows"
+"""The codegemm model with its tables left row-major on the GPU (the A/B of the tiled layout, codegemm.tiling)."""
 AQLM_FORMATS: dict[str, CodebookConfig] = {
     "aqlm-2x8": CodebookConfig(num_codebooks=2, nbits=8, vec_len=8, group_size=None),
     "aqlm-1x16": CodebookConfig(num_codebooks=1, nbits=16, vec_len=8, group_size=None),
 }
-BACKENDS = (FP16, CODEGEMM, CODEGEMM_SEPARATE, *AQLM_FORMATS)
+BACKENDS = (FP16, CODEGEMM, CODEGEMM_SEPARATE, CODEGEMM_ROWS, *AQLM_FORMATS)
 ALIASES = {"aqlm": tuple(AQLM_FORMATS)}
 
 _ALL_LINEARS = "re:."
@@ -69,7 +71,7 @@ def aqlm_available() -> str | None:
 def _codebook_config(backend: str, config: CodebookConfig) -> CodebookConfig | None:
     if backend == FP16:
         return None
-    if backend in (CODEGEMM, CODEGEMM_SEPARATE):
+    if backend in (CODEGEMM, CODEGEMM_SEPARATE, CODEGEMM_ROWS):
         return config
     return AQLM_FORMATS[backend]
 
@@ -104,14 +106,14 @@ def _to_aqlm(model: nn.Module, fmt: CodebookConfig, dtype: torch.dtype) -> None:
             k, n, in_group_size=fmt.vec_len, out_group_size=1, num_codebooks=fmt.num_codebooks,
             nbits_per_codebook=fmt.nbits, bias=layer.bias is not None, device="meta", dtype=dtype,
         )
-        codes = layer.codes
+        codes, scales = layer.row_tables()
         # AQLM keeps codes signed; random codes stay uniformly random through the wrap-around.
         codes = codes.view(code_dtype) if codes.dtype == torch.uint8 else codes.to(code_dtype)
         new.codes = nn.Parameter(codes, requires_grad=False)
         new.codebooks = nn.Parameter(
             layer.codebooks.detach().view(fmt.num_codebooks, fmt.codebook_size, 1, fmt.vec_len), requires_grad=False
         )
-        new.scales = nn.Parameter(layer.scales.detach().view(n, 1, 1, 1), requires_grad=False)
+        new.scales = nn.Parameter(scales.detach().reshape(n, 1, 1, 1), requires_grad=False)
         if layer.bias is not None:
             new.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
         set_module(model, name, new)

@@ -27,6 +27,7 @@ from codegemm.generation.attention import decode_attention_enabled, supports_dec
 from codegemm.generation.cache import forward_parameters, make_static_cache, replay_safe, text_config
 from codegemm.generation.sampling import SamplingParams, select_next
 from codegemm.siblings import fuse_siblings
+from codegemm.tiling import tile_for_gpu
 
 _LOG = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ class FastGenerator:
     step attend only over the filled cache slots (:mod:`codegemm.generation.attention`).
     ``group_siblings`` (default on) groups the model's quantized q/k/v and gate/up projections so that
     each set runs as one kernel launch where a grouped kernel fits (:mod:`codegemm.siblings`; this marks
-    the model's layers, :func:`codegemm.siblings.unfuse_siblings` undoes it).
+    the model's layers, :func:`codegemm.siblings.unfuse_siblings` undoes it). ``tile_layers`` (default on)
+    switches the quantized layers on a GPU to the tiled layout its CUDA kernels read fastest
+    (:mod:`codegemm.tiling`; :func:`codegemm.tiling.untile` undoes it; checkpoints stay row-major).
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class FastGenerator:
         cuda_graph: bool | None = None,
         decode_attention: bool | None = None,
         group_siblings: bool = True,
+        tile_layers: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise ConfigError(f"model must be a transformers causal LM (nn.Module with .config); got {type(model)}")
@@ -143,6 +147,8 @@ class FastGenerator:
         self.model = model.eval()
         if group_siblings:
             fuse_siblings(model)
+        if tile_layers:
+            tile_for_gpu(model)
         self.device = first.device
         self.dtype = getattr(model, "dtype", first.dtype)
         self.max_batch_size = max_batch_size

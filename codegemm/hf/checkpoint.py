@@ -157,7 +157,8 @@ def check_checkpoint_headers(model: nn.Module, tensors: dict[str, TensorInfo]) -
 def check_loaded_values(model: nn.Module) -> None:
     """Codes in ``[0, 2**nbits)`` and finite codebooks, scales and bias in every loaded quantized module."""
     for name, layer in quantized_modules(model):
-        tensors = {"codes": layer.codes, "codebooks": layer.codebooks, "scales": layer.scales}
+        codes, scales = layer.row_tables()
+        tensors = {"codes": codes, "codebooks": layer.codebooks, "scales": scales}
         if layer.bias is not None:
             tensors["bias"] = layer.bias
         for leaf, tensor in tensors.items():

@@ -4,7 +4,9 @@ Each op has a fake (meta) implementation that checks ranks, dtypes and
 divisibility without touching data and returns an empty ``[T, N]`` tensor in
 ``x``'s dtype. The real implementations make ``x`` and the quantized tensors
 contiguous (a no-op when they already are) and launch the kernel; outputs are
-fresh tensors on every call.
+fresh tensors on every call. ``tiled=True`` says the layer's codes and scales
+are in the tiled layout of :mod:`codegemm.layout`; the CUDA kernels read it as
+it is, the others get a row-major copy.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from codegemm.errors import DTypeError, ShapeError
+from codegemm.layout import as_rows
 from codegemm.ops.cuda import (
     MAX_TOKENS,
     MMA_MIN_TOKENS,
@@ -23,6 +26,7 @@ from codegemm.ops.cuda import (
     grouped_eligible,
     grouped_mma_cuda,
     grouped_psumbook_cuda,
+    layer_geometry,
     mma_rows_per_block,
     psumbook_matmul_cuda,
     psumbook_plan_rpt,
@@ -31,7 +35,12 @@ from codegemm.ops.cuda import (
 from codegemm.ops.triton_dequant import dequant_matmul_triton
 from codegemm.ops.triton_dequant_dense import dequant_dense_matmul
 from codegemm.ops.triton_psumbook import psumbook_matmul_triton
-from codegemm.validation import KERNEL_CODE_DTYPES, KERNEL_FLOAT_DTYPES, check_quantized_metadata
+from codegemm.validation import (
+    KERNEL_CODE_DTYPES,
+    KERNEL_FLOAT_DTYPES,
+    check_quantized_metadata,
+    check_tiled_metadata,
+)
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = KERNEL_FLOAT_DTYPES
@@ -44,13 +53,18 @@ def check_matmul_args(
     scales: torch.Tensor,
     bias: Optional[torch.Tensor],
     code_dtypes: tuple[torch.dtype, ...] = KERNEL_CODE_DTYPES,
-) -> None:
-    """Raise ShapeError/DTypeError unless the tensors describe one valid layer call (metadata only)."""
+    tiled: bool = False,
+) -> int:
+    """Raise ShapeError/DTypeError unless the tensors describe one valid layer call (metadata only);
+    return out_features."""
     if x.dim() != 2:
         raise ShapeError(f"x must have shape (tokens, in_features); got rank {x.dim()} {tuple(x.shape)}")
     if x.dtype not in ACTIVATION_DTYPES:
         raise DTypeError(f"x must be float16, bfloat16 or float32 for the Triton kernels; got {x.dtype}")
-    n, k, _ = check_quantized_metadata(codes, codebooks, scales, code_dtypes)
+    if tiled:
+        n, k, _ = check_tiled_metadata(codes, codebooks, scales)
+    else:
+        n, k, _ = check_quantized_metadata(codes, codebooks, scales, code_dtypes)
     if x.shape[1] != k:
         raise ShapeError(f"x must have in_features={k} (codes.shape[1] * vec_len) columns; got {tuple(x.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or bias.dtype not in _FLOAT_DTYPES):
@@ -58,28 +72,40 @@ def check_matmul_args(
     devices = {t.device for t in (x, codes, codebooks, scales) + (() if bias is None else (bias,))}
     if len(devices) != 1:
         raise DTypeError(f"x, codes, codebooks, scales and bias must be on one device; got {sorted(map(str, devices))}")
+    return n
 
 
 def _contiguous(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-def _psumbook_gpu(x, codes, codebooks, scales, bias):
+def _rows(impl: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``impl`` (row-major tables only) behind the ``tiled`` flag: tiled tables become a row-major copy."""
+
+    def run(x, codes, codebooks, scales, bias, tiled=False):
+        codes, scales = as_rows(codes, scales, codebooks.shape[0], tiled)
+        return impl(x, codes, codebooks, scales.contiguous(), bias)
+
+    return run
+
+
+def _psumbook_gpu(x, codes, codebooks, scales, bias, tiled=False):
     """The CUDA C++ Psumbook kernel where the call fits it, else the Triton one."""
-    if cuda_psumbook_eligible(x, codes, codebooks, scales, bias):
-        return psumbook_matmul_cuda(x, codes, codebooks, scales, bias)
-    return psumbook_matmul_triton(x, codes, codebooks, scales, bias)
+    if cuda_psumbook_eligible(x, codes, codebooks, scales, bias, tiled):
+        return psumbook_matmul_cuda(x, codes, codebooks, scales, bias, tiled=tiled)
+    return _rows(psumbook_matmul_triton)(x, codes, codebooks, scales, bias, tiled)
 
 
-def _codebook_mma_gpu(x, codes, codebooks, scales, bias):
+def _codebook_mma_gpu(x, codes, codebooks, scales, bias, tiled=False):
     """The CUDA codebook tensor-core kernel where the call fits it, else the Psumbook kernels."""
-    if codebook_mma_eligible(x, codes, codebooks, scales, bias):
-        return codebook_mma_cuda(x, codes, codebooks, scales, bias)
-    return _psumbook_gpu(x, codes, codebooks, scales, bias)
+    if codebook_mma_eligible(x, codes, codebooks, scales, bias, tiled):
+        return codebook_mma_cuda(x, codes, codebooks, scales, bias, tiled=tiled)
+    return _psumbook_gpu(x, codes, codebooks, scales, bias, tiled)
 
 
 def _define(name: str, impl: Callable[..., torch.Tensor], code_dtypes: tuple[torch.dtype, ...], doc: str):
-    """Register ``codegemm::name``: checks, contiguous inputs, ``impl``; and its fake (shape-only) twin."""
+    """Register ``codegemm::name``: checks, contiguous inputs, ``impl`` (which takes ``tiled``); and its fake
+    (shape-only) twin."""
 
     def op(
         x: torch.Tensor,
@@ -87,26 +113,26 @@ def _define(name: str, impl: Callable[..., torch.Tensor], code_dtypes: tuple[tor
         codebooks: torch.Tensor,
         scales: torch.Tensor,
         bias: Optional[torch.Tensor] = None,
+        tiled: bool = False,
     ) -> torch.Tensor:
-        check_matmul_args(x, codes, codebooks, scales, bias, code_dtypes)
-        return impl(*_contiguous(x, codes, codebooks, scales, bias))
+        check_matmul_args(x, codes, codebooks, scales, bias, code_dtypes, tiled)
+        return impl(*_contiguous(x, codes, codebooks, scales, bias), tiled)
 
     op.__name__ = op.__qualname__ = name
     op.__doc__ = doc
     custom = torch.library.custom_op(f"codegemm::{name}", mutates_args=())(op)
 
     @custom.register_fake
-    def _fake(x, codes, codebooks, scales, bias=None):
-        check_matmul_args(x, codes, codebooks, scales, bias, code_dtypes)
-        return x.new_empty(x.shape[0], codes.shape[0])
+    def _fake(x, codes, codebooks, scales, bias=None, tiled=False):
+        return x.new_empty(x.shape[0], check_matmul_args(x, codes, codebooks, scales, bias, code_dtypes, tiled))
 
     return custom
 
 
 _UINT8 = (torch.uint8,)
-psumbook_mm = _define("psumbook_mm", psumbook_matmul_triton, _UINT8,
+psumbook_mm = _define("psumbook_mm", _rows(psumbook_matmul_triton), _UINT8,
                       "Triton Psumbook matmul for 1-16 tokens: x [T, K] fp16/bf16/fp32, uint8 codes [N, K//v, m] -> [T, N].")
-dequant_mm = _define("dequant_mm", dequant_matmul_triton, KERNEL_CODE_DTYPES,
+dequant_mm = _define("dequant_mm", _rows(dequant_matmul_triton), KERNEL_CODE_DTYPES,
                      "Triton dequantize-in-registers tensor-core GEMM for any token count: x [T, K] -> [T, N].")
 dequant_dense_mm = _define("dequant_dense_mm", dequant_dense_matmul, KERNEL_CODE_DTYPES,
                            "Prefill: dequantize to a temporary dense W in x's dtype (Triton), then F.linear (cuBLAS).")
@@ -116,34 +142,34 @@ codebook_mma_mm = _define("codebook_mma_mm", _codebook_mma_gpu, _UINT8,
                           "CUDA C++ codebook tensor-core kernel for 1-16 tokens; other calls go to the Psumbook kernels.")
 
 
-def _grouped_gpu(x, codes, codebooks, scales, bias):
+def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False):
     """Sibling layers in one launch of the CUDA kernel one of them alone would take; one launch per layer
     (outputs concatenated) when the group does not fit it."""
     layers = list(zip(codes, codebooks, scales))
     tokens, k = x.shape
-    n = sum(c.shape[0] for c in codes)
-    m, v = codes[0].shape[2], codebooks[0].shape[2]
+    rows = [layer_geometry(*layer, tiled)[0] for layer in layers]
+    n = sum(rows)
+    _, num_vectors, m, _ = layer_geometry(*layers[0], tiled)
+    v = codebooks[0].shape[2]
     use_mma = tokens >= MMA_MIN_TOKENS.get((m, v), MAX_TOKENS + 1)
     if use_mma:
-        if grouped_eligible(x, layers, bias, mma_rows_per_block(tokens, n, k, x.device), codebook_mma_eligible):
-            return grouped_mma_cuda(x, layers, bias)
+        if grouped_eligible(x, layers, bias, mma_rows_per_block(tokens, n, k, x.device), codebook_mma_eligible, tiled):
+            return grouped_mma_cuda(x, layers, bias, tiled=tiled)
     else:
-        rpt = psumbook_plan_rpt(tokens, None, n, codes[0].shape[1], m, x.device)
-        if grouped_eligible(x, layers, bias, psumbook_rows_per_block(tokens, rpt)):
-            return grouped_psumbook_cuda(x, layers, bias)
-    biases = [None] * len(layers) if bias is None else bias.split([c.shape[0] for c in codes])
+        rpt = psumbook_plan_rpt(tokens, None, n, num_vectors, m, x.device)
+        if grouped_eligible(x, layers, bias, psumbook_rows_per_block(tokens, rpt), tiled=tiled):
+            return grouped_psumbook_cuda(x, layers, bias, tiled=tiled)
+    biases = [None] * len(layers) if bias is None else bias.split(rows)
     single = _codebook_mma_gpu if use_mma else _psumbook_gpu
-    return torch.cat([single(x, *layer, b) for layer, b in zip(layers, biases)], dim=1)
+    return torch.cat([single(x, *layer, b, tiled) for layer, b in zip(layers, biases)], dim=1)
 
 
-def _check_grouped_args(x, codes, codebooks, scales, bias) -> int:
+def _check_grouped_args(x, codes, codebooks, scales, bias, tiled=False) -> int:
     """Raise unless the lists describe sibling layers (one per entry, same K) that ``x`` feeds; total rows."""
     if not (len(codes) == len(codebooks) == len(scales)) or not codes:
         raise ShapeError(f"codes, codebooks and scales must be lists of one equal, non-zero length; got "
                          f"{len(codes)}, {len(codebooks)}, {len(scales)}")
-    for layer in zip(codes, codebooks, scales):
-        check_matmul_args(x, *layer, None, _UINT8)
-    n = sum(c.shape[0] for c in codes)
+    n = sum(check_matmul_args(x, *layer, None, _UINT8, tiled) for layer in zip(codes, codebooks, scales))
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or bias.dtype not in _FLOAT_DTYPES):
         raise ShapeError(f"bias must be a float tensor (sum of out_features={n},); got {bias.dtype} {tuple(bias.shape)}")
     return n
@@ -156,13 +182,15 @@ def grouped_cuda_mm(
     codebooks: list[torch.Tensor],
     scales: list[torch.Tensor],
     bias: Optional[torch.Tensor] = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
-    """Sibling layers that read ``x`` (q/k/v, gate/up) in one CUDA launch: ``x [T, K] -> [T, sum N]``."""
-    _check_grouped_args(x, codes, codebooks, scales, bias)
+    """Sibling layers that read ``x`` (q/k/v, gate/up) in one CUDA launch: ``x [T, K] -> [T, sum N]``
+    (``tiled``: every layer's tables in the tiled layout)."""
+    _check_grouped_args(x, codes, codebooks, scales, bias, tiled)
     return _grouped_gpu(*_contiguous(x), *([t.contiguous() for t in ts] for ts in (codes, codebooks, scales)),
-                        *_contiguous(bias))
+                        *_contiguous(bias), tiled)
 
 
 @grouped_cuda_mm.register_fake
-def _grouped_fake(x, codes, codebooks, scales, bias=None):
-    return x.new_empty(x.shape[0], _check_grouped_args(x, codes, codebooks, scales, bias))
+def _grouped_fake(x, codes, codebooks, scales, bias=None, tiled=False):
+    return x.new_empty(x.shape[0], _check_grouped_args(x, codes, codebooks, scales, bias, tiled))

@@ -18,6 +18,7 @@ import torch
 from codegemm import reference
 from codegemm.config import CodebookConfig
 from codegemm.errors import UnsupportedError
+from codegemm.layout import as_rows
 from codegemm.ops.cpu import dense_matmul_cpu, psumbook_matmul_cpu
 
 
@@ -52,6 +53,8 @@ class KernelSpec:
     supports: Predicate
     fn: MatmulKernel
     priority: int = 0
+    takes_tiled: bool = False
+    """Whether ``fn`` takes ``tiled=True`` tables (:mod:`codegemm.layout`); others get a row-major copy."""
 
 
 _KERNELS: list[KernelSpec] = []
@@ -154,9 +157,16 @@ def codebook_matmul(
     bias: torch.Tensor | None,
     config: CodebookConfig,
     backend: Backend | str = Backend.AUTO,
+    tiled: bool = False,
 ) -> torch.Tensor:
-    """``x [T, K] @ W.T + bias -> [T, N]`` in ``x``'s dtype through the chosen kernel."""
+    """``x [T, K] @ W.T + bias -> [T, N]`` in ``x``'s dtype through the chosen kernel (``tiled``: the
+    tables are in the tiled layout of :mod:`codegemm.layout`)."""
     spec = select_kernel(x.device, config, x.shape[0], x.dtype, backend)
+    if not tiled:
+        return spec.fn(x, codes, codebooks, scales, bias)
+    if spec.takes_tiled:
+        return spec.fn(x, codes, codebooks, scales, bias, tiled=True)
+    codes, scales = as_rows(codes, scales, config.num_codebooks, tiled)
     return spec.fn(x, codes, codebooks, scales, bias)
 
 
@@ -182,10 +192,14 @@ def grouped_matmul(
     bias: torch.Tensor | None,
     config: CodebookConfig,
     backend: Backend | str = Backend.AUTO,
+    tiled: bool = False,
 ) -> torch.Tensor | None:
     """``x [T, K] -> [T, sum N]`` for sibling layers ``(codes, codebooks, scales)`` of one config that read
     the same ``x``, in one launch; ``bias`` is their biases side by side. None when no grouped kernel fits
     the call: the caller then runs each layer through :func:`codebook_matmul`, which is what a grouped
-    kernel's result equals up to fp32 summation order."""
+    kernel's result equals up to fp32 summation order. ``tiled``: every layer's tables are tiled; only
+    grouped kernels that take them are used."""
     spec = select_grouped_kernel(x.device, config, x.shape[0], x.dtype, backend)
-    return None if spec is None else spec.fn(x, layers, bias)
+    if spec is None or (tiled and not spec.takes_tiled):
+        return None
+    return spec.fn(x, layers, bias, tiled=True) if tiled else spec.fn(x, layers, bias)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from codegemm.errors import DTypeError
+from codegemm.layout import as_rows
 from codegemm.ops.cuda import cuda_dequant_eligible, dequantize_cuda
 from codegemm.validation import check_quantized_metadata
 
@@ -124,14 +125,17 @@ def dequant_dense_matmul(
     codebooks: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """``x [T, K] @ W.T + bias`` through a temporary dense ``W`` in ``x``'s dtype (inputs checked by the op).
 
-    ``W`` comes from the CUDA dequantization (``codegemm/ops/cuda/dequant.cu``) for the configs compiled into
-    it, from the Triton kernel above otherwise; both equal ``reference.dequantize(..., float32).to(dtype)``.
+    ``W`` comes from the CUDA dequantization (``codegemm/ops/cuda/dequant.cu``, either layout) for the configs
+    compiled into it, from the Triton kernel above (row-major) otherwise; both equal
+    ``reference.dequantize(..., float32).to(dtype)``.
     """
-    if cuda_dequant_eligible(codes, codebooks, scales, x.dtype):
-        weight = dequantize_cuda(codes, codebooks, scales, x.dtype)
+    if cuda_dequant_eligible(codes, codebooks, scales, x.dtype, tiled):
+        weight = dequantize_cuda(codes, codebooks, scales, x.dtype, tiled)
     else:
-        weight = dequantize_triton(codes, codebooks, scales, x.dtype)
+        codes, scales = as_rows(codes, scales, codebooks.shape[0], tiled)
+        weight = dequantize_triton(codes, codebooks, scales.contiguous(), x.dtype)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))

@@ -50,12 +50,12 @@ def _psumbook(x, codes, codebooks, scales, bias):
     return custom_ops.psumbook_mm(x, codes, codebooks, scales, bias)
 
 
-def _psumbook_cuda(x, codes, codebooks, scales, bias):
-    return custom_ops.psumbook_cuda_mm(x, codes, codebooks, scales, bias)
+def _psumbook_cuda(x, codes, codebooks, scales, bias, tiled=False):
+    return custom_ops.psumbook_cuda_mm(x, codes, codebooks, scales, bias, tiled)
 
 
-def _codebook_mma(x, codes, codebooks, scales, bias):
-    return custom_ops.codebook_mma_mm(x, codes, codebooks, scales, bias)
+def _codebook_mma(x, codes, codebooks, scales, bias, tiled=False):
+    return custom_ops.codebook_mma_mm(x, codes, codebooks, scales, bias, tiled)
 
 
 def _cuda_library_ok(dev: torch.device, config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
@@ -69,17 +69,17 @@ def _cuda_library_ok(dev: torch.device, config: CodebookConfig, tokens: int, dty
     )
 
 
-def _grouped_cuda(x, layers, bias):
+def _grouped_cuda(x, layers, bias, tiled=False):
     codes, codebooks, scales = (list(t) for t in zip(*layers))
-    return custom_ops.grouped_cuda_mm(x, codes, codebooks, scales, bias)
+    return custom_ops.grouped_cuda_mm(x, codes, codebooks, scales, bias, tiled)
 
 
 def _dequant(x, codes, codebooks, scales, bias):
     return custom_ops.dequant_mm(x, codes, codebooks, scales, bias)
 
 
-def _dequant_dense(x, codes, codebooks, scales, bias):
-    return custom_ops.dequant_dense_mm(x, codes, codebooks, scales, bias)
+def _dequant_dense(x, codes, codebooks, scales, bias, tiled=False):
+    return custom_ops.dequant_dense_mm(x, codes, codebooks, scales, bias, tiled)
 
 
 def _prefill_ok(tokens: int, dtype: torch.dtype) -> bool:
@@ -95,6 +95,7 @@ register_kernel(
         ),
         _codebook_mma,
         priority=45,
+        takes_tiled=True,
     )
 )
 register_kernel(
@@ -104,6 +105,7 @@ register_kernel(
         _cuda_library_ok,
         _psumbook_cuda,
         priority=40,
+        takes_tiled=True,
     )
 )
 register_kernel(
@@ -122,6 +124,7 @@ register_kernel(
         lambda dev, cfg, tokens, dtype: dev.type == "cuda" and _prefill_ok(tokens, dtype),
         _dequant_dense,
         priority=25,
+        takes_tiled=True,
     )
 )
 register_kernel(
@@ -158,6 +161,7 @@ register_kernel(
         lambda dev, cfg, tokens, dtype: dev.type == "cpu" and interpreting() and _prefill_ok(tokens, dtype),
         _dequant_dense,
         priority=1,
+        takes_tiled=True,
     )
 )
 register_grouped_kernel(
@@ -167,5 +171,6 @@ register_grouped_kernel(
         _cuda_library_ok,
         _grouped_cuda,
         priority=40,
+        takes_tiled=True,
     )
 )

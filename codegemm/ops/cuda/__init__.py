@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from codegemm.layout import TILE_BYTES
+
 logger = logging.getLogger(__name__)
 
 _SOURCES = [pathlib.Path(__file__).with_name(name)
@@ -60,17 +62,35 @@ class _Segments(ctypes.Structure):
 
     _fields_ = [("count", ctypes.c_int), ("start", ctypes.c_int * MAX_SEGMENTS),
                 ("codes", ctypes.c_void_p * MAX_SEGMENTS), ("codebooks", ctypes.c_void_p * MAX_SEGMENTS),
-                ("scales", ctypes.c_void_p * MAX_SEGMENTS)]
+                ("scales", ctypes.c_void_p * MAX_SEGMENTS), ("code_row", ctypes.c_int * MAX_SEGMENTS),
+                ("code_chunk", ctypes.c_int * MAX_SEGMENTS), ("scale_row", ctypes.c_int * MAX_SEGMENTS),
+                ("scale_group", ctypes.c_int * MAX_SEGMENTS)]
 
 
-def _segments(layers: Sequence[Layer]) -> _Segments:
+def layer_geometry(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                   tiled: bool = False) -> tuple[int, int, int, int]:
+    """``(out_features, num_vectors, num_codebooks, groups)`` of contiguous row-major or tiled tensors
+    (:mod:`codegemm.layout`)."""
+    m = codebooks.shape[0]
+    if tiled:
+        return codes.shape[1], codes.shape[0] * TILE_BYTES // m, m, scales.shape[0]
+    return codes.shape[0], codes.shape[1], m, scales.shape[1]
+
+
+def _segments(layers: Sequence[Layer], tiled: bool = False) -> _Segments:
+    """Each layer's tables and their strides (contiguous tensors in the given layout)."""
     segs = _Segments()
     segs.count = len(layers)
     row = 0
     for i, (codes, codebooks, scales) in enumerate(layers):
+        n, num_vectors, m, groups = layer_geometry(codes, codebooks, scales, tiled)
         segs.start[i] = row
         segs.codes[i], segs.codebooks[i], segs.scales[i] = codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr()
-        row += codes.shape[0]
+        if tiled:
+            segs.code_row[i], segs.code_chunk[i], segs.scale_row[i], segs.scale_group[i] = TILE_BYTES, n * TILE_BYTES, 1, n
+        else:
+            segs.code_row[i], segs.code_chunk[i], segs.scale_row[i], segs.scale_group[i] = num_vectors * m, TILE_BYTES, groups, 1
+        row += n
     return segs
 
 
@@ -128,7 +148,8 @@ def bind_library(path: str | os.PathLike) -> ctypes.CDLL:
     lib.codegemm_codebook_mma.restype = ctypes.c_int
     lib.codegemm_codebook_mma.argtypes = lib.codegemm_psumbook.argtypes
     lib.codegemm_dequant.restype = ctypes.c_int
-    lib.codegemm_dequant.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+    lib.codegemm_dequant.argtypes = [ctypes.c_int] * 3 + [ctypes.POINTER(_Segments), ctypes.c_void_p] + [
+        ctypes.c_int] * 3 + [ctypes.c_void_p]
     lib.codegemm_error_string.restype = ctypes.c_char_p
     lib.codegemm_error_string.argtypes = [ctypes.c_int]
     return lib
@@ -139,11 +160,15 @@ def device_arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
-def _layer_fits(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> bool:
-    """What every kernel of the library needs of a layer: a compiled config, fp16 tables, a GPU that runs it."""
+def _layer_fits(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                tiled: bool = False) -> bool:
+    """What every kernel of the library needs of a layer: a compiled config, fp16 tables, a GPU that runs it,
+    strides that fit the kernels' 32-bit ones."""
     if codes.device.type != "cuda" or dtype not in _DTYPE_CODES or codes.dtype != torch.uint8:
         return False
-    if (codes.shape[2], codebooks.shape[2]) not in CUDA_CONFIGS or codebooks.shape[1] != 256:
+    if (codebooks.shape[0], codebooks.shape[2]) not in CUDA_CONFIGS or codebooks.shape[1] != 256:
+        return False
+    if max(codes.numel(), scales.numel()) >= 2**31:  # every stride then fits the kernels' int
         return False
     if codebooks.dtype != torch.float16 or scales.dtype != torch.float16 or codebooks.data_ptr() % 16:
         return False
@@ -151,39 +176,39 @@ def _layer_fits(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tens
 
 
 def cuda_psumbook_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                           bias: torch.Tensor | None) -> bool:
-    """Whether this (already validated) call fits the compiled kernel's assumptions."""
+                           bias: torch.Tensor | None, tiled: bool = False) -> bool:
+    """Whether this (already validated) call fits the compiled kernel's assumptions (``tiled``: the layer's
+    tensors are in the tiled layout of :mod:`codegemm.layout`)."""
     if not 1 <= x.shape[0] <= MAX_TOKENS or (bias is not None and bias.dtype != x.dtype):
         return False
-    _n, num_vectors, m = codes.shape
-    vectors_per_chunk = 32 // m
-    groups = scales.shape[1]
+    _n, num_vectors, m, groups = layer_geometry(codes, codebooks, scales, tiled)
+    vectors_per_chunk = TILE_BYTES // m
     if num_vectors % vectors_per_chunk or (groups > 1 and (num_vectors // groups) % vectors_per_chunk):
         return False
-    return codes.data_ptr() % 16 == 0 and _layer_fits(codes, codebooks, scales, x.dtype)
+    return codes.data_ptr() % 16 == 0 and _layer_fits(codes, codebooks, scales, x.dtype, tiled)
 
 
-def _rows(layers: Sequence[Layer]) -> list[int]:
-    return [codes.shape[0] for codes, _, _ in layers]
+def _rows(layers: Sequence[Layer], tiled: bool = False) -> list[int]:
+    return [layer_geometry(*layer, tiled)[0] for layer in layers]
 
 
 def grouped_eligible(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None, rows_per_block: int,
-                     fits: Callable[..., bool] | None = None) -> bool:
+                     fits: Callable[..., bool] | None = None, tiled: bool = False) -> bool:
     """Whether sibling layers can share one launch: each fits the kernel alone (``fits``, default
     :func:`cuda_psumbook_eligible`), their K, config and scale groups agree, and every layer but the last
     ends on a block boundary (a block's rows share one codebook)."""
     fits = fits or cuda_psumbook_eligible
     if not 1 <= len(layers) <= MAX_SEGMENTS:
         return False
-    codes0, codebooks0, scales0 = layers[0]
+    first = layer_geometry(*layers[0], tiled)
     for codes, codebooks, scales in layers:
-        if codes.shape[1:] != codes0.shape[1:] or codebooks.shape != codebooks0.shape:
+        if layer_geometry(codes, codebooks, scales, tiled)[1:] != first[1:] or codebooks.shape != layers[0][1].shape:
             return False
-        if scales.shape[1] != scales0.shape[1] or not fits(x, codes, codebooks, scales, None):
+        if not fits(x, codes, codebooks, scales, None, tiled):
             return False
-    if bias is not None and (bias.dtype != x.dtype or bias.shape[0] != sum(_rows(layers))):
+    if bias is not None and (bias.dtype != x.dtype or bias.shape[0] != sum(_rows(layers, tiled))):
         return False
-    return all(n % rows_per_block == 0 for n in _rows(layers)[:-1])
+    return all(n % rows_per_block == 0 for n in _rows(layers, tiled)[:-1])
 
 
 def psumbook_rows_per_block(tokens: int, rpt: int) -> int:
@@ -236,9 +261,9 @@ def _partials(splits: int, tokens: int, n: int, x: torch.Tensor) -> torch.Tensor
 
 def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                          bias: torch.Tensor | None, rows_per_thread: int | None = None,
-                         splits: int | None = None) -> torch.Tensor:
+                         splits: int | None = None, tiled: bool = False) -> torch.Tensor:
     """``x [T, K] -> [T, N]`` in ``x``'s dtype; the call must be :func:`cuda_psumbook_eligible` and contiguous."""
-    return grouped_psumbook_cuda(x, [(codes, codebooks, scales)], bias, rows_per_thread, splits)
+    return grouped_psumbook_cuda(x, [(codes, codebooks, scales)], bias, rows_per_thread, splits, tiled)
 
 
 def psumbook_plan_rpt(tokens: int, rows_per_thread: int | None, n: int, num_vectors: int, m: int,
@@ -249,14 +274,15 @@ def psumbook_plan_rpt(tokens: int, rows_per_thread: int | None, n: int, num_vect
 
 
 def grouped_psumbook_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None,
-                          rows_per_thread: int | None = None, splits: int | None = None) -> torch.Tensor:
+                          rows_per_thread: int | None = None, splits: int | None = None,
+                          tiled: bool = False) -> torch.Tensor:
     """``x [T, K] -> [T, sum N]``: sibling layers (same K and config) in one launch of psumbook.cu, their
     outputs side by side. The call must be :func:`grouped_eligible` for
-    :func:`psumbook_rows_per_block` rows and its tensors contiguous."""
+    :func:`psumbook_rows_per_block` rows and its tensors contiguous (row-major, or ``tiled``)."""
     tokens = x.shape[0]
-    codes, codebooks, scales = layers[0]
-    n = sum(_rows(layers))
-    _, num_vectors, m = codes.shape
+    codebooks = layers[0][1]
+    n = sum(_rows(layers, tiled))
+    _, num_vectors, m, groups = layer_geometry(*layers[0], tiled)
     v = codebooks.shape[2]
     rpt = psumbook_plan_rpt(tokens, rows_per_thread, n, num_vectors, m, x.device)
     splits = splits or plan_cuda(tokens, n, num_vectors, m, x.device)[1]
@@ -265,9 +291,8 @@ def grouped_psumbook_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.
     used = -(-chunks // per_split)
     out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
     partial = _partials(used, tokens, n, x)
-    groups = scales.shape[1]
     _launch("codegemm_psumbook", x, (
-        m, v, rpt, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers)),
+        m, v, rpt, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers, tiled)),
         _ptr(bias), out.data_ptr(), _ptr(partial), n, num_vectors, groups,
         num_vectors if groups == 1 else num_vectors // groups, splits), "Psumbook")
     return out
@@ -282,12 +307,12 @@ _MMA_ROWS_PER_BLOCK_TILE = 16 * 16
 
 
 def codebook_mma_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                          bias: torch.Tensor | None) -> bool:
+                          bias: torch.Tensor | None, tiled: bool = False) -> bool:
     """Whether a call fits codebook_mma.cu: the Psumbook kernel's conditions, K and groups in 128-input chunks."""
-    if not cuda_psumbook_eligible(x, codes, codebooks, scales, bias):
+    if not cuda_psumbook_eligible(x, codes, codebooks, scales, bias, tiled):
         return False
     k = x.shape[1]
-    groups = scales.shape[1]
+    groups = layer_geometry(codes, codebooks, scales, tiled)[3]
     if k % MMA_CHUNK_INPUTS or (groups > 1 and (k // groups) % MMA_CHUNK_INPUTS):
         return False
     return x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
@@ -329,9 +354,10 @@ def _best_mma_splits(tokens: int, row_blocks: int, chunks: int, resident: int) -
 
 
 def codebook_mma_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                      bias: torch.Tensor | None, tiles: int | None = None, splits: int | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None, tiles: int | None = None, splits: int | None = None,
+                      tiled: bool = False) -> torch.Tensor:
     """``x [T, K] -> [T, N]`` through codebook_mma.cu; the call must be :func:`codebook_mma_eligible`."""
-    return grouped_mma_cuda(x, [(codes, codebooks, scales)], bias, tiles, splits)
+    return grouped_mma_cuda(x, [(codes, codebooks, scales)], bias, tiles, splits, tiled)
 
 
 def mma_rows_per_block(tokens: int, n: int, k: int, device: torch.device, tiles: int | None = None) -> int:
@@ -340,13 +366,13 @@ def mma_rows_per_block(tokens: int, n: int, k: int, device: torch.device, tiles:
 
 
 def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None, tiles: int | None = None,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, tiled: bool = False) -> torch.Tensor:
     """``x [T, K] -> [T, sum N]``: sibling layers in one launch of codebook_mma.cu (each must be
     :func:`codebook_mma_eligible`, the group :func:`grouped_eligible` for :func:`mma_rows_per_block` rows)."""
     tokens, k = x.shape
-    codes, codebooks, scales = layers[0]
-    n = sum(_rows(layers))
-    m = codes.shape[2]
+    codebooks = layers[0][1]
+    n = sum(_rows(layers, tiled))
+    _, _, m, groups = layer_geometry(*layers[0], tiled)
     v = codebooks.shape[2]
     default_tiles, default_splits = plan_mma(tokens, n, k, x.device)
     tiles = tiles or default_tiles
@@ -356,32 +382,31 @@ def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tenso
     used = -(-chunks // per_split)
     out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
     partial = _partials(used, tokens, n, x)
-    groups = scales.shape[1]
     chunks_per_group = chunks if groups == 1 else chunks // groups
     _launch("codegemm_codebook_mma", x, (
-        m, v, tiles, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers)), _ptr(bias), out.data_ptr(),
+        m, v, tiles, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers, tiled)), _ptr(bias), out.data_ptr(),
         _ptr(partial), n, chunks, groups, chunks_per_group, splits), "codebook mma")
     return out
 
 
 def cuda_dequant_eligible(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                          dtype: torch.dtype) -> bool:
+                          dtype: torch.dtype, tiled: bool = False) -> bool:
     """Whether dequant.cu can rebuild this (already validated) layer's weight in ``dtype``."""
-    return _layer_fits(codes, codebooks, scales, dtype)
+    return _layer_fits(codes, codebooks, scales, dtype, tiled)
 
 
 def dequantize_cuda(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, tiled: bool = False) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype``, equal to ``reference.dequantize(..., float32).to(dtype)``.
 
-    The call must be :func:`cuda_dequant_eligible`; inputs contiguous. Returns a fresh tensor.
+    The call must be :func:`cuda_dequant_eligible`; inputs contiguous (row-major, or ``tiled``). Returns a
+    fresh tensor.
     """
-    n, num_vectors, m = codes.shape
-    v = codebooks.shape[2]
-    groups = scales.shape[1]
+    n, num_vectors, _m, groups = layer_geometry(codes, codebooks, scales, tiled)
+    m, v = codebooks.shape[0], codebooks.shape[2]
     weight = torch.empty(n, num_vectors * v, dtype=dtype, device=codes.device)
     if weight.numel():
         _launch("codegemm_dequant", weight, (
-            m, v, codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr(), weight.data_ptr(), n, num_vectors,
-            groups, num_vectors // groups), "dequantize")
+            m, v, ctypes.byref(_segments([(codes, codebooks, scales)], tiled)), weight.data_ptr(), n, num_vectors,
+            num_vectors // groups), "dequantize")
     return weight

@@ -97,7 +97,6 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, q = lane & 3;
-  const size_t row_bytes = static_cast<size_t>(num_chunks) * 32;
 
   // This lane's base in the replicated codebook (the same for every segment).
   const uint8_t* cb_lane = cbs + (lane % COPIES) * V * 2;
@@ -116,6 +115,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   const uint8_t* __restrict__ codes = nullptr;
   const __half* __restrict__ scales = nullptr;
   int seg_row0 = 0;
+  size_t code_row = 0, code_chunk = 0, scale_row = 0, scale_group = 0;
   for (int item = item_lo; item < item_hi; ++item) {
   const int split = item / row_blocks;
   const int chunk_lo = split * chunks_per_split;
@@ -142,6 +142,10 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
     codes = Segments::pick(segs.codes, seg);
     scales = Segments::pick(segs.scales, seg);
     seg_row0 = Segments::pick(segs.start, seg);
+    code_row = Segments::pick(segs.code_row, seg);
+    code_chunk = Segments::pick(segs.code_chunk, seg);
+    scale_row = Segments::pick(segs.scale_row, seg);
+    scale_group = Segments::pick(segs.scale_group, seg);
     loaded_seg = seg;
   }
   const int row_base = block_row0 + warp * 16 * R;
@@ -162,8 +166,8 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int n = row_base + r * 16 + g + 8 * h;
-        w[r][h] = n < n_rows ? load_codes(codes + static_cast<size_t>(n - seg_row0) * row_bytes +
-                                          static_cast<size_t>(chunk) * 32 + 8 * q)
+        w[r][h] = n < n_rows ? load_codes(codes + static_cast<size_t>(n - seg_row0) * code_row + chunk * code_chunk +
+                                          8 * q)
                              : make_uint2(0u, 0u);
       }
   };
@@ -178,7 +182,8 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
         const int n = row_base + r * 16 + g + 8 * h;
         const int c = chunk + q;
         sv[r][h] = (n < n_rows && c < chunk_hi)
-                       ? __half2float(scales[static_cast<size_t>(n - seg_row0) * groups + c / chunks_per_group])
+                       ? __half2float(scales[static_cast<size_t>(n - seg_row0) * scale_row +
+                                             c / chunks_per_group * scale_group])
                        : 0.f;
       }
   };

@@ -20,6 +20,12 @@ struct Segments {
   const uint8_t* codes[MAX_SEGMENTS];
   const __half* codebooks[MAX_SEGMENTS];
   const __half* scales[MAX_SEGMENTS];
+  // Each segment's strides, so the kernels read the row-major layout (codes [N][chunks][32 bytes], scales
+  // [N][groups]) and the tiled one (codes [chunks][N][32 bytes], scales [groups][N]: codegemm/layout.py) alike.
+  int code_row[MAX_SEGMENTS];     // bytes from a row's codes to the next row's
+  int code_chunk[MAX_SEGMENTS];   // bytes from a row's 32-byte chunk of codes to its next
+  int scale_row[MAX_SEGMENTS];    // elements from a row's scales to the next row's
+  int scale_group[MAX_SEGMENTS];  // elements from a row's scale group to its next
 
   __host__ __device__ int find(int row) const {
     int s = 0;

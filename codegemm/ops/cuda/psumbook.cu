@@ -125,13 +125,14 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   const int num_chunks = num_vectors / JT;
   const int chunk_lo = blockIdx.y * chunks_per_split;
   const int chunk_hi = min(chunk_lo + chunks_per_split, num_chunks);
-  const size_t row_bytes = static_cast<size_t>(num_vectors) * M;
   // This block's segment (its rows never straddle two): its tables, with row 0 of the segment at its start.
   const int seg = segs.find(row0);
   const int seg_row0 = Segments::pick(segs.start, seg);
   const uint8_t* __restrict__ codes = Segments::pick(segs.codes, seg);
   const __half* __restrict__ codebooks = Segments::pick(segs.codebooks, seg);
   const __half* __restrict__ scales = Segments::pick(segs.scales, seg);
+  const size_t code_row = Segments::pick(segs.code_row, seg), code_chunk = Segments::pick(segs.code_chunk, seg);
+  const size_t scale_row = Segments::pick(segs.scale_row, seg), scale_group = Segments::pick(segs.scale_group, seg);
 
   // Psumbook builder role: lane q of warp w computes table q's entries for the centroids
   // c = w * 16 ... w * 16 + 15, so a warp's 32 stores per step fill 32 distinct banks.
@@ -194,13 +195,13 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
       const int n = row0 + r * PAIRS + pair;
       if (n < n_rows) {
         const size_t nl = static_cast<size_t>(n - seg_row0);
-        const uint4* p = reinterpret_cast<const uint4*>(codes + nl * row_bytes + static_cast<size_t>(chunk) * 32) + half;
+        const uint4* p = reinterpret_cast<const uint4*>(codes + nl * code_row + chunk * code_chunk) + half;
 #pragma unroll
         for (int u = 0; u < WORDS / 4; ++u) {
           const uint4 a = load_stream(p + u);
           word[r][4 * u] = a.x; word[r][4 * u + 1] = a.y; word[r][4 * u + 2] = a.z; word[r][4 * u + 3] = a.w;
         }
-        scale[r] = __half2float(scales[nl * groups + (chunk * JT) / vectors_per_group]);
+        scale[r] = __half2float(scales[nl * scale_row + (chunk * JT) / vectors_per_group * scale_group]);
       } else {
 #pragma unroll
         for (int k = 0; k < WORDS; ++k) word[r][k] = 0u;

@@ -1,0 +1,126 @@
+"""The tiled GPU layout on the device (``-m gpu``): every CUDA kernel gives bit for bit what it gives on the
+row-major tables (same summation order, only the addresses differ), through the module and dispatcher too,
+under ``torch.compile(fullgraph=True)`` and CUDA-graph capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_llama_config
+
+from codegemm import CodebookConfig, CodeGEMMLinear
+from codegemm.layout import tile_codes, tile_scales
+from codegemm.ops.cuda import (
+    codebook_mma_cuda,
+    codebook_mma_eligible,
+    cuda_dequant_eligible,
+    cuda_psumbook_eligible,
+    dequantize_cuda,
+    grouped_mma_cuda,
+    grouped_psumbook_cuda,
+    psumbook_matmul_cuda,
+)
+from codegemm.random_model import build_random_quantized_model
+from codegemm.surgery import quantized_modules
+from codegemm.tiling import tile_for_gpu
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = torch.device("cuda")
+
+
+def _layer(config: CodebookConfig, n: int, k: int, seed: int = 0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k // config.vec_len, config.num_codebooks), device=DEVICE, generator=gen,
+                          dtype=torch.int32).to(torch.uint8)
+    codebooks = torch.randn(config.num_codebooks, 256, config.vec_len, device=DEVICE, generator=gen).half()
+    scales = (0.5 + torch.rand(n, config.num_groups(k), device=DEVICE, generator=gen)).mul_(0.02).half()
+    return codes, codebooks, scales
+
+
+def _tiled(layer):
+    codes, codebooks, scales = layer
+    return tile_codes(codes), codebooks, tile_scales(scales)
+
+
+@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128", "m2v8", "m2v8g256", "m1v4g512"])
+@pytest.mark.parametrize("n,k", [(1000, 1024), (4096, 384), (16, 128), (4099, 2176)])
+def test_cuda_kernels_bit_identical_on_tiled_tables(name, n, k):
+    config = CodebookConfig.from_name(name)
+    if k % (config.group_size or k):
+        pytest.skip("group does not divide K")
+    rows = _layer(config, n, k)
+    tiled = _tiled(rows)
+    for tokens in range(1, 17):
+        dtype = torch.float16 if tokens % 2 else torch.bfloat16
+        x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
+        bias = torch.randn(n, device=DEVICE, dtype=dtype) if tokens % 3 else None
+        assert cuda_psumbook_eligible(x, *tiled, bias, tiled=True)
+        for rpt, splits in [(None, None), (8, 1), (2, 3)]:
+            want = psumbook_matmul_cuda(x, *rows, bias, rpt, splits)
+            assert torch.equal(psumbook_matmul_cuda(x, *tiled, bias, rpt, splits, tiled=True), want), (tokens, rpt)
+        assert codebook_mma_eligible(x, *tiled, bias, tiled=True)
+        for tiles, splits in [(None, None), (2, 3)]:
+            want = codebook_mma_cuda(x, *rows, bias, tiles, splits)
+            assert torch.equal(codebook_mma_cuda(x, *tiled, bias, tiles, splits, tiled=True), want), (tokens, tiles)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert cuda_dequant_eligible(*tiled, dtype, tiled=True)
+        assert torch.equal(dequantize_cuda(*tiled, dtype, tiled=True), dequantize_cuda(*rows, dtype))
+
+
+@pytest.mark.parametrize("sizes,k", [((4096, 1024, 1024), 4096), ((2048, 1024), 2048), ((1024, 256, 256), 1024)])
+@pytest.mark.parametrize("tokens", [1, 2, 16])
+def test_grouped_kernels_bit_identical_on_tiled_tables(sizes, k, tokens):
+    config = CodebookConfig.from_name("m2v8g128")
+    rows = [_layer(config, n, k, seed=i) for i, n in enumerate(sizes)]
+    tiled = [_tiled(layer) for layer in rows]
+    x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
+    bias = torch.randn(sum(sizes), device=DEVICE, dtype=torch.float16)
+    assert torch.equal(grouped_psumbook_cuda(x, tiled, bias, tiled=True), grouped_psumbook_cuda(x, rows, bias))
+    assert torch.equal(grouped_mma_cuda(x, tiled, bias, tiled=True), grouped_mma_cuda(x, rows, bias))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 16, 17, 64])
+def test_tiled_module_matches_row_major_module(tokens):
+    config = CodebookConfig.from_name("m2v8g128")
+    codes, codebooks, scales = _layer(config, 3072, 1024)
+    bias = torch.randn(3072, device=DEVICE, dtype=torch.float16)
+    layer = CodeGEMMLinear.from_unpacked(codes, codebooks, scales, bias, config)
+    x = torch.randn(tokens, 1024, device=DEVICE, dtype=torch.float16)
+    with torch.no_grad():
+        want = layer(x)
+        assert torch.equal(layer.tile_()(x), want)
+
+
+def test_tile_for_gpu_tiles_what_the_cuda_kernels_read():
+    model = build_random_quantized_model(tiny_llama_config(hidden_size=256, intermediate_size=512), "m2v8g128",
+                                         device=DEVICE, dtype=torch.float16, seed=0)
+    layers = [layer for _, layer in quantized_modules(model)]
+    assert tile_for_gpu(model) == len(layers) and all(layer.tiled for layer in layers)
+    other = build_random_quantized_model(tiny_llama_config(), "m3b6v8g24", device=DEVICE, dtype=torch.float16)
+    assert tile_for_gpu(other) == 0
+
+
+def test_compiled_graph_of_tiled_layers():
+    config = CodebookConfig.from_name("m2v8g128")
+    up = CodeGEMMLinear.from_unpacked(*_layer(config, 2048, 512, seed=1), config=config).tile_()
+    down = CodeGEMMLinear.from_unpacked(*_layer(config, 512, 2048, seed=2), config=config).tile_()
+    model = torch.nn.Sequential(up, torch.nn.SiLU(), down).eval()
+    x = torch.randn(1, 512, device=DEVICE, dtype=torch.float16)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager, rtol=2e-3, atol=2e-3)
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            compiled(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = compiled(static_x)
+        fresh = torch.randn_like(x)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(static_out, model(fresh), rtol=2e-3, atol=2e-3)
