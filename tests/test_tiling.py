@@ -59,7 +59,7 @@ def test_tiled_layer_computes_what_the_row_major_one_does(name, n, k, tokens):
         assert layer.codes.shape[2] == 32 and layer.scales.shape == (layer.config.num_groups(k), n)
         assert torch.equal(layer(x), expected)
         assert torch.equal(layer.dequantize(), weight)
-    codes, codebooks, scales = layer.unpacked()
+    codes, _, scales = layer.unpacked()
     assert codes.shape == (n, k // layer.config.vec_len, layer.config.num_codebooks)
     assert scales.shape == (n, layer.config.num_groups(k))
     layer.untile_()
