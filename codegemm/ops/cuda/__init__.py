@@ -8,7 +8,9 @@ gathers + mma.sync), which costs the same for 1-16 tokens. Both also serve
 sibling layers (q/k/v, gate/up) in one launch: :func:`grouped_psumbook_cuda`,
 :func:`grouped_mma_cuda` (``Segments`` in common.cuh).
 :func:`cuda_psumbook_eligible` / :func:`codebook_mma_eligible` say whether a
-call fits; everything else goes to the Triton kernels. The shared library lands in
+call fits; everything else goes to the Triton kernels. Every entry point takes
+``tiled``: the layer's tables are row-major or in the tiled layout of
+:mod:`codegemm.layout`, which the kernels read through per-layer strides. The shared library lands in
 ``$CODEGEMM_CUDA_CACHE`` (default ``~/.cache/codegemm/cuda``) under a name
 that holds the source hash and the GPU architecture, so edits rebuild it.
 A missing ``nvcc`` or a failed build logs a warning once and the Triton path
