@@ -4,16 +4,24 @@
         --section SpeedOfLight --section WarpStateStats --section Occupancy python3 scripts/profile_psumbook.py
 
 profiles the third launch, the 8192x57344 layer (Llama-3-70B gate_up). Needs PYTHONPATH=. and a GPU.
+The tables are in the tiled layout that models on a GPU hold (docs/KERNELS.md v11); ``ROWS=1`` profiles the
+row-major layout instead.
 """
+import os
+
 import torch
+from codegemm.layout import tile_codes, tile_scales
 from codegemm.random_model import random_layer_tensors
 from codegemm.ops import cuda as cu
+tiled = os.environ.get("ROWS", "0") in ("", "0")
 dev = torch.device("cuda")
 gen = torch.Generator(device=dev).manual_seed(0)
 for k, n in [(8192, 57344), (4096, 28672)]:
     codes, cb, s = random_layer_tensors("m2v8g128", n, k, dev, torch.float16, gen)
+    if tiled:
+        codes, s = tile_codes(codes), tile_scales(s)
     x = torch.randn(1, k, device=dev, dtype=torch.float16)
     for _ in range(4):
-        cu.psumbook_matmul_cuda(x, codes, cb, s, None)
+        cu.psumbook_matmul_cuda(x, codes, cb, s, None, tiled=tiled)
     torch.cuda.synchronize()
 print("done")
