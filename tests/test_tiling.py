@@ -146,3 +146,29 @@ def test_tile_for_gpu_leaves_cpu_models_row_major():
     model[0].tile_()
     untile(model)
     assert not model[0].tiled
+
+
+def test_save_pretrained_of_a_tiled_model_is_row_major(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from codegemm.hf import attach_quantization_config
+
+    model = build_random_quantized_model(tiny_llama_config(), "m2v8g128", device="cpu", dtype=torch.float16, seed=0)
+    expected = {key: t.clone() for key, t in model.state_dict().items()}
+    ids = torch.randint(0, 320, (1, 5))
+    with torch.no_grad():
+        want = model(ids).logits
+    for _, layer in quantized_modules(model):
+        layer.tile_()
+    attach_quantization_config(model)
+    model.save_pretrained(str(tmp_path))
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    assert stored["model.layers.0.self_attn.q_proj.codes"].shape == (128, 16, 2)
+    for key, tensor in expected.items():
+        if key in stored:
+            assert torch.equal(stored[key], tensor), key
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float16)
+    assert not any(layer.tiled for _, layer in quantized_modules(loaded))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
