@@ -8,23 +8,17 @@ have to copy the tables back to row-major on each call. Checkpoints stay row-maj
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from codegemm.layout import can_tile
 from codegemm.nn import CodeGEMMLinear
-from codegemm.ops.cuda import CUDA_CONFIGS, device_arch, load_library
+from codegemm.ops.cuda import library_serves
 
 
 def cuda_reads_tiled(layer: CodeGEMMLinear) -> bool:
-    """Whether the CUDA kernels would serve this layer where it is: on a GPU of compute capability 8.0 or
-    later with the library built, m2v8 or m1v4 with 8-bit codes and fp16 codebooks."""
-    device = layer.codes.device
-    config = layer.config
-    if device.type != "cuda" or config.nbits != 8 or (config.num_codebooks, config.vec_len) not in CUDA_CONFIGS:
-        return False
-    if layer.codebooks.dtype != torch.float16 or layer.scales.dtype != torch.float16:
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 0) and load_library(device_arch(device)) is not None
+    """Whether the CUDA kernels serve this layer where it is (:func:`codegemm.ops.cuda.library_serves`) and
+    its config tiles."""
+    return can_tile(layer.config, layer.in_features) and library_serves(layer.codes, layer.codebooks, layer.scales)
 
 
 def tile_for_gpu(model: nn.Module) -> int:

@@ -90,14 +90,22 @@ def check_quantized_metadata(
     size = codebooks.shape[1]
     if size <= 0 or size & (size - 1):
         raise ShapeError(f"codebooks.shape[1] must be a power of two (2**nbits); got {size}")
-    if scales.dim() != 2 or scales.dtype not in KERNEL_FLOAT_DTYPES or scales.shape[0] != n or scales.shape[1] == 0:
+    _check_scales_and_device(codes, codebooks, scales, n, num_vectors, tiled=False)
+    return n, num_vectors * codebooks.shape[2], m
+
+
+def _check_scales_and_device(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, n: int,
+                             num_vectors: int, tiled: bool) -> None:
+    """Scales ``[N, groups]`` (tiled: ``[groups, N]``) whose groups divide a row's vectors; one device."""
+    name, rows_dim = ("tiled scales", 1) if tiled else ("scales", 0)
+    groups_dim = 1 - rows_dim
+    shape = f"(in_features // group_size, out_features={n})" if tiled else f"(out_features={n}, in_features // group_size)"
+    if (scales.dim() != 2 or scales.dtype not in KERNEL_FLOAT_DTYPES or scales.shape[rows_dim] != n
+            or scales.shape[groups_dim] == 0):
+        raise ShapeError(f"{name} must be a float tensor {shape}; got {scales.dtype} {tuple(scales.shape)}")
+    if num_vectors % scales.shape[groups_dim]:
         raise ShapeError(
-            f"scales must be a float tensor (out_features={n}, in_features // group_size); "
-            f"got {scales.dtype} {tuple(scales.shape)}"
-        )
-    if num_vectors % scales.shape[1]:
-        raise ShapeError(
-            f"scales.shape[1]={scales.shape[1]} must divide the {num_vectors} vectors of a row "
+            f"{name}.shape[{groups_dim}]={scales.shape[groups_dim]} must divide the {num_vectors} vectors of a row "
             f"(group_size a multiple of vec_len)"
         )
     if len({codes.device, codebooks.device, scales.device}) != 1:
@@ -105,7 +113,6 @@ def check_quantized_metadata(
             "codes, codebooks and scales must be on one device; "
             f"got {codes.device}, {codebooks.device}, {scales.device}"
         )
-    return n, num_vectors * codebooks.shape[2], m
 
 
 def check_tiled_metadata(
@@ -127,18 +134,5 @@ def check_tiled_metadata(
         )
     m, _, v = codebooks.shape
     num_vectors = chunks * 32 // m
-    if scales.dim() != 2 or scales.dtype not in KERNEL_FLOAT_DTYPES or scales.shape[1] != n or scales.shape[0] == 0:
-        raise ShapeError(
-            f"tiled scales must be a float tensor (in_features // group_size, out_features={n}); "
-            f"got {scales.dtype} {tuple(scales.shape)}"
-        )
-    if num_vectors % scales.shape[0]:
-        raise ShapeError(
-            f"tiled scales.shape[0]={scales.shape[0]} must divide the {num_vectors} vectors of a row"
-        )
-    if len({codes.device, codebooks.device, scales.device}) != 1:
-        raise DTypeError(
-            "codes, codebooks and scales must be on one device; "
-            f"got {codes.device}, {codebooks.device}, {scales.device}"
-        )
+    _check_scales_and_device(codes, codebooks, scales, n, num_vectors, tiled=True)
     return n, num_vectors * v, m

@@ -60,3 +60,25 @@ TINY_LLAMA_FIELDS = dict(
 def tiny_llama_config(**overrides) -> LlamaConfig:
     """A Llama config small enough for CPU tests; ``overrides`` replace fields."""
     return LlamaConfig(**{**TINY_LLAMA_FIELDS, **overrides})
+
+
+def assert_compiled_graph_matches_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """``torch.compile(fullgraph=True)`` of ``model`` equals eager on ``x``, and a CUDA graph captured from the
+    compiled model and replayed on fresh inputs equals eager on them."""
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager, rtol=2e-3, atol=2e-3)
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            compiled(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = compiled(static_x)
+        fresh = torch.randn_like(x)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(static_out, model(fresh), rtol=2e-3, atol=2e-3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_error
+from helpers import assert_compiled_graph_matches_eager, rel_error
 from torch import nn
 
 from codegemm import CodebookConfig, CodeGEMMError, CodeGEMMLinear, DTypeError, ShapeError, reference
@@ -225,23 +225,7 @@ class _TinyModel(nn.Module):
 def test_compile_fullgraph_and_cuda_graph(tokens):
     model = _TinyModel(CodebookConfig.from_name("m2v8g128")).eval()
     x = torch.randn(2, (tokens + 1) // 2, 512, device=DEVICE, dtype=torch.float16)
-    with torch.no_grad():
-        eager = model(x)
-        compiled = torch.compile(model, fullgraph=True)
-        torch.testing.assert_close(compiled(x), eager, rtol=2e-3, atol=2e-3)
-        static_x = x.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            compiled(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = compiled(static_x)
-        fresh = torch.randn_like(x)
-        static_x.copy_(fresh)
-        graph.replay()
-        torch.testing.assert_close(static_out, model(fresh), rtol=2e-3, atol=2e-3)
+    assert_compiled_graph_matches_eager(model, x)
 
 
 def test_bad_input_is_an_error_or_correct():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_llama_config
+from helpers import assert_compiled_graph_matches_eager, tiny_llama_config
 
 from codegemm import CodebookConfig, CodeGEMMLinear
 from codegemm.layout import tile_codes, tile_scales
@@ -108,21 +108,4 @@ def test_compiled_graph_of_tiled_layers():
     up = CodeGEMMLinear.from_unpacked(*_layer(config, 2048, 512, seed=1), config=config).tile_()
     down = CodeGEMMLinear.from_unpacked(*_layer(config, 512, 2048, seed=2), config=config).tile_()
     model = torch.nn.Sequential(up, torch.nn.SiLU(), down).eval()
-    x = torch.randn(1, 512, device=DEVICE, dtype=torch.float16)
-    with torch.no_grad():
-        eager = model(x)
-        compiled = torch.compile(model, fullgraph=True)
-        torch.testing.assert_close(compiled(x), eager, rtol=2e-3, atol=2e-3)
-        static_x = x.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            compiled(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = compiled(static_x)
-        fresh = torch.randn_like(x)
-        static_x.copy_(fresh)
-        graph.replay()
-        torch.testing.assert_close(static_out, model(fresh), rtol=2e-3, atol=2e-3)
+    assert_compiled_graph_matches_eager(model, torch.randn(1, 512, device=DEVICE, dtype=torch.float16))

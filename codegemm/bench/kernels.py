@@ -138,7 +138,7 @@ def _bench_siblings(model: str, shape: LinearShape, tokens_list: list[int], conf
         row_sets = sets[0]  # row-major, for the reference
         tiled = can_tile(config, k)  # time the layout a model on the GPU holds
         if tiled:
-            sets = [[(tile_codes(c), cb, tile_scales(s)) for c, cb, s in layers] for layers in sets]
+            sets = [_tiled(layers, config, k) for layers in sets]
         for tokens in tokens_list:
             x = torch.randn(tokens, k, device=device, dtype=dtype)
             one_by_one = lambda layers: [codebook_matmul(x, *layer, None, config, tiled=tiled)  # noqa: E731

@@ -89,11 +89,14 @@ def _rows(impl: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return run
 
 
+_psumbook_triton = _rows(psumbook_matmul_triton)
+
+
 def _psumbook_gpu(x, codes, codebooks, scales, bias, tiled=False):
     """The CUDA C++ Psumbook kernel where the call fits it, else the Triton one."""
     if cuda_psumbook_eligible(x, codes, codebooks, scales, bias, tiled):
         return psumbook_matmul_cuda(x, codes, codebooks, scales, bias, tiled=tiled)
-    return _rows(psumbook_matmul_triton)(x, codes, codebooks, scales, bias, tiled)
+    return _psumbook_triton(x, codes, codebooks, scales, bias, tiled)
 
 
 def _codebook_mma_gpu(x, codes, codebooks, scales, bias, tiled=False):
@@ -130,7 +133,7 @@ def _define(name: str, impl: Callable[..., torch.Tensor], code_dtypes: tuple[tor
 
 
 _UINT8 = (torch.uint8,)
-psumbook_mm = _define("psumbook_mm", _rows(psumbook_matmul_triton), _UINT8,
+psumbook_mm = _define("psumbook_mm", _psumbook_triton, _UINT8,
                       "Triton Psumbook matmul for 1-16 tokens: x [T, K] fp16/bf16/fp32, uint8 codes [N, K//v, m] -> [T, N].")
 dequant_mm = _define("dequant_mm", _rows(dequant_matmul_triton), KERNEL_CODE_DTYPES,
                      "Triton dequantize-in-registers tensor-core GEMM for any token count: x [T, K] -> [T, N].")

@@ -166,7 +166,7 @@ def codebook_matmul(
         return spec.fn(x, codes, codebooks, scales, bias)
     if spec.takes_tiled:
         return spec.fn(x, codes, codebooks, scales, bias, tiled=True)
-    codes, scales = as_rows(codes, scales, config.num_codebooks, tiled)
+    codes, scales = as_rows(codes, scales, config.num_codebooks, tiled=True)
     return spec.fn(x, codes, codebooks, scales, bias)
 
 

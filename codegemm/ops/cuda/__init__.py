@@ -162,11 +162,10 @@ def device_arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
-def _layer_fits(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
-                tiled: bool = False) -> bool:
-    """What every kernel of the library needs of a layer: a compiled config, fp16 tables, a GPU that runs it,
-    strides that fit the kernels' 32-bit ones."""
-    if codes.device.type != "cuda" or dtype not in _DTYPE_CODES or codes.dtype != torch.uint8:
+def library_serves(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> bool:
+    """What every kernel of the library needs of a layer's tables (in either layout): a compiled config, fp16
+    tables, a GPU that runs it, strides that fit the kernels' 32-bit ones."""
+    if codes.device.type != "cuda" or codes.dtype != torch.uint8:
         return False
     if (codebooks.shape[0], codebooks.shape[2]) not in CUDA_CONFIGS or codebooks.shape[1] != 256:
         return False
@@ -175,6 +174,11 @@ def _layer_fits(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tens
     if codebooks.dtype != torch.float16 or scales.dtype != torch.float16 or codebooks.data_ptr() % 16:
         return False
     return torch.cuda.get_device_capability(codes.device) >= (8, 0) and load_library(device_arch(codes.device)) is not None
+
+
+def _layer_fits(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> bool:
+    """:func:`library_serves` the tables, and ``dtype`` (activations or output) is one the library takes."""
+    return dtype in _DTYPE_CODES and library_serves(codes, codebooks, scales)
 
 
 def cuda_psumbook_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -187,7 +191,7 @@ def cuda_psumbook_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torc
     vectors_per_chunk = TILE_BYTES // m
     if num_vectors % vectors_per_chunk or (groups > 1 and (num_vectors // groups) % vectors_per_chunk):
         return False
-    return codes.data_ptr() % 16 == 0 and _layer_fits(codes, codebooks, scales, x.dtype, tiled)
+    return codes.data_ptr() % 16 == 0 and _layer_fits(codes, codebooks, scales, x.dtype)
 
 
 def _rows(layers: Sequence[Layer], tiled: bool = False) -> list[int]:
@@ -394,7 +398,7 @@ def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tenso
 def cuda_dequant_eligible(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                           dtype: torch.dtype, tiled: bool = False) -> bool:
     """Whether dequant.cu can rebuild this (already validated) layer's weight in ``dtype``."""
-    return _layer_fits(codes, codebooks, scales, dtype, tiled)
+    return _layer_fits(codes, codebooks, scales, dtype)
 
 
 def dequantize_cuda(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
