@@ -5,7 +5,8 @@ VARIANT_DIR (default build/exp/psb) holds copies of psumbook.cu to compare, e.g.
 (`git show HEAD~1:codegemm/ops/cuda/psumbook.cu > build/exp/psb/old.cu`; carry the folder). Each build is
 checked against the float64 reference and for run-to-run equality, then timed on the Llama-3 benchmark shapes
 beside fp16 cuBLAS and the tensor-core kernel. Env: CFGS (configs), SPLITS (multiples of the default split
-count), PERS (chunks per block instead), ONLY (one build), NOCHECK=1 (skip the checks).
+count), PERS (chunks per block instead), ONLY (one build), NOCHECK=1 (skip the checks), ROWS=1 (time and check
+the row-major layout instead of the tiled one that models on a GPU hold, codegemm/layout.py).
 Variants must export the current entry points (since v9 the launchers take a `Segments` pointer, common.cuh):
 a psumbook.cu from before v9 has to be ported first. A `common.cuh` in VARIANT_DIR is what the variants include
 (quoted includes look beside the file first), e.g. the previous version's, so a change there is A/B'd too.
@@ -18,6 +19,7 @@ from codegemm import reference
 from codegemm.bench.timing import time_calls, rotation_count, device_name
 from codegemm.random_model import random_layer_tensors
 from codegemm.ops import cuda as cu
+from codegemm.layout import tile_codes, tile_scales
 
 dev = torch.device("cuda")
 print(device_name(dev), flush=True)
@@ -38,6 +40,14 @@ print("built", list(libs), flush=True)
 gen = torch.Generator(device=dev).manual_seed(0)
 
 
+TILED = not os.environ.get("ROWS")
+
+
+def layout(codes, codebooks, scales):
+    """A layer's tables in the layout under test."""
+    return (tile_codes(codes), codebooks, tile_scales(scales)) if TILED else (codes, codebooks, scales)
+
+
 def use(lib):
     cu.load_library = lambda arch, lib=lib: lib
 
@@ -52,14 +62,15 @@ for name, lib in (libs.items() if not os.environ.get("NOCHECK") else []):
     for cfg in ["m2v8g128", "m1v4g128", "m2v8", "m1v4g512"]:
         for n, k in [(3000, 2048), (77, 512), (1000, 1536)]:
             codes, cb, s = random_layer_tensors(cfg, n, k, dev, torch.float16, gen)
+            laid = layout(codes, cb, s)
             for t in (1, 2, 5, 16):
                 for dt in (torch.float16, torch.bfloat16):
                     for rpt in (4, 8):
                         x = torch.randn(t, k, device=dev, dtype=dt)
                         ref = reference.dense_matmul(x, codes, cb, s, None, torch.float64)
-                        got = cu.psumbook_matmul_cuda(x, codes, cb, s, None, rows_per_thread=rpt)
+                        got = cu.psumbook_matmul_cuda(x, *laid, None, rows_per_thread=rpt, tiled=TILED)
                         e = float((got.double() - ref).norm() / ref.norm())
-                        again = cu.psumbook_matmul_cuda(x, codes, cb, s, None, rows_per_thread=rpt)
+                        again = cu.psumbook_matmul_cuda(x, *laid, None, rows_per_thread=rpt, tiled=TILED)
                         bound = 1e-3 if dt == torch.float16 else 8e-3
                         if dt == torch.float16:
                             worst = max(worst, e)
@@ -81,20 +92,21 @@ for model, blk in shapes.items():
         del ws
         for cfg in cfgs:
             copies = rotation_count(n * k // 4)
-            layers = [random_layer_tensors(cfg, n, k, dev, torch.float16, gen) for _ in range(copies)]
+            layers = [layout(*random_layer_tensors(cfg, n, k, dev, torch.float16, gen)) for _ in range(copies)]
             use(libs["cur"])
-            res[(model, k, n, f"{cfg}:mma")] = time_calls([functools.partial(cu.codebook_mma_cuda, x, *l, None) for l in layers]).median_us
+            res[(model, k, n, f"{cfg}:mma")] = time_calls([functools.partial(cu.codebook_mma_cuda, x, *l, None, tiled=TILED) for l in layers]).median_us
             m = int(cfg[1])
             for name, lib in libs.items():
                 use(lib)
                 for rpt in (4, 8):
-                    _, base = cu.plan_cuda(1, n, layers[0][0].shape[1], m, dev)
+                    num_vectors = cu.layer_geometry(*layers[0], TILED)[1]
+                    _, base = cu.plan_cuda(1, n, num_vectors, m, dev)
                     base = base * rpt // 4
                     best = None
-                    chunks = layers[0][0].shape[1] // (32 // m)
+                    chunks = num_vectors // (32 // m)
                     cands = [-(-chunks // p) for p in pers] if pers else [max(1, int(base * mult)) for mult in split_mults]
                     for sp in cands:
-                        us = time_calls([functools.partial(cu.psumbook_matmul_cuda, x, *l, None, rpt, sp) for l in layers]).median_us
+                        us = time_calls([functools.partial(cu.psumbook_matmul_cuda, x, *l, None, rpt, sp, TILED) for l in layers]).median_us
                         if best is None or us < best[0]:
                             best = (us, rpt, sp)
                         if pers:

@@ -31,6 +31,10 @@ namespace {
 
 constexpr int THREADS = 512;
 constexpr int CENTROIDS = 256;
+// The Psumbook's shared-memory rows: a code's 32 tables of buffer 0, then of buffer 1 (256 bytes, so the code
+// is byte 1 of an entry's byte offset).
+constexpr int PSUM_ROW = 64;
+constexpr int PSUM_WORDS = CENTROIDS * PSUM_ROW;
 
 // Codes are read exactly once: keep them out of L1. A block reads 32 bytes of each row per chunk; the L2
 // prefetch size makes one DRAM access bring the row's next chunks into L2 as well (a block walks chunks
@@ -93,23 +97,24 @@ __device__ __forceinline__ void centroid_words(uint32_t w, uint32_t (&out)[centr
 
 template <int M, int V, int RPT, int MAXT, int LANES, typename XT>
 __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbook_kernel(
-    const XT* __restrict__ x, int tokens, int stride_x, const Segments segs, const XT* __restrict__ bias,
+    const XT* __restrict__ x, int tokens, int stride_x, const __grid_constant__ Segments segs, const XT* __restrict__ bias,
     XT* __restrict__ out, float* __restrict__ partial, int n_rows, int num_vectors, int groups,
     int vectors_per_group, int chunks_per_split) {
   static_assert(THREADS == 2 * CENTROIDS && (M == 1 || M == 2), "16 warps build 16 centroids each");
   constexpr int JT = 32 / M;
   allow_dependent_launch();  // the split-K reduce may launch now (common.cuh)
   constexpr int KT = JT * V;
-  constexpr int ENTRIES = 32 * CENTROIDS;
   constexpr bool TC = tensor_core_build<M, V>();
   constexpr int PARTS = centroid_parts<XT>();
   extern __shared__ __align__(16) float smem[];
   // Codebook i starts at i * CB_STRIDE floats: the 4-float pad puts the builders' two broadcast reads of
   // centroid c (one per codebook) in different banks.
   constexpr int CB_STRIDE = CENTROIDS * V + 4;
-  float* psum = smem;                              // [256][32]: entry (c, q = j * M + i) at c * 32 + q
-  float* cbs = psum + ENTRIES;                     // [M][CB_STRIDE] fp32 codebooks (FMA build only)
-  float* xs = cbs + (TC ? 0 : M * CB_STRIDE);      // [MAXT][KT]: fp32 (FMA build), the input dtype (tensor cores)
+  float* psum = smem;                              // [256][2][32]: buffer b's entry (c, q = j * M + i) at c * 64 + b * 32 + q
+  float* cbs = psum + PSUM_WORDS;                  // [M][CB_STRIDE] fp32 codebooks (FMA build only)
+  float* xs = cbs + (TC ? 0 : M * CB_STRIDE);      // [2][MAXT][KT]: fp32 (FMA build), the input dtype (tensor cores)
+  using XS = typename std::conditional<TC, XT, float>::type;
+  constexpr bool DOUBLE_PSUM = MAXT == 1;
 
   const int tid = threadIdx.x;
   // Row role: LANES lanes per row, each with 32 / LANES of its code bytes per chunk. With two, one
@@ -127,12 +132,14 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   const int chunk_hi = min(chunk_lo + chunks_per_split, num_chunks);
   // This block's segment (its rows never straddle two): its tables, with row 0 of the segment at its start.
   const int seg = segs.find(row0);
-  const int seg_row0 = Segments::pick(segs.start, seg);
-  const uint8_t* __restrict__ codes = Segments::pick(segs.codes, seg);
-  const __half* __restrict__ codebooks = Segments::pick(segs.codebooks, seg);
-  const __half* __restrict__ scales = Segments::pick(segs.scales, seg);
-  const size_t code_row = Segments::pick(segs.code_row, seg), code_chunk = Segments::pick(segs.code_chunk, seg);
-  const size_t scale_row = Segments::pick(segs.scale_row, seg), scale_group = Segments::pick(segs.scale_group, seg);
+  const int seg_row0 = segs.start[seg];
+  const uint8_t* __restrict__ codes = segs.codes[seg];
+  const __half* __restrict__ codebooks = segs.codebooks[seg];
+  const __half* __restrict__ scales = segs.scales[seg];
+  const uint32_t code_row = segs.code_row[seg], code_chunk = segs.code_chunk[seg];
+  const uint32_t scale_row = segs.scale_row[seg], scale_group = segs.scale_group[seg];
+  // A chunk lies inside one scale group (the dispatcher checks); chunks_per_group of them share it.
+  const int chunks_per_group = vectors_per_group / JT;
 
   // Psumbook builder role: lane q of warp w computes table q's entries for the centroids
   // c = w * 16 ... w * 16 + 15, so a warp's 32 stores per step fill 32 distinct banks.
@@ -166,7 +173,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int r = (tq + k) & 3;  // result r: vector g + 8 * (r >> 1), codebook r & 1
-      store_off[k] = static_cast<uint32_t>(((tid >> 5) * 16 + 2 * tq) * 32 + 2 * g + 16 * (r >> 1) + (r & 1));
+      store_off[k] = static_cast<uint32_t>(((tid >> 5) * 16 + 2 * tq) * PSUM_ROW + 2 * g + 16 * (r >> 1) + (r & 1));
     }
   }
 
@@ -182,6 +189,13 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) acc[r][t] = 0.f;
 
+  // This lane's rows, relative to the segment's first row and clamped to the last row: a tail row reads a real
+  // row's codes and is scaled by 0, so the loads need no branches.
+  int row_in_seg[RPT];
+#pragma unroll
+  for (int r = 0; r < RPT; ++r) row_in_seg[r] = min(row0 + r * PAIRS + pair, n_rows - 1) - seg_row0;
+  const int rows_live = n_rows - row0 - pair;  // row r is live when r * PAIRS < rows_live
+
   // The chunk's codes and scales are loaded before its Psumbook is built, so their latency hides behind the
   // build; the next chunk's activations are prefetched. (v3-v5 also prefetched the next chunk's codes: worth
   // 1.5%, and the registers it held made the one-token plan spill.)
@@ -189,24 +203,19 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   uint32_t word[RPT][WORDS];
   float scale[RPT];
   XT xr[XPT];
-  auto fetch_codes = [&](int chunk) {
+  auto fetch_codes = [&](int chunk, int group) {
+    const uint8_t* chunk_codes = codes + static_cast<size_t>(chunk) * code_chunk + half * 16;
+    const __half* group_scales = scales + static_cast<size_t>(group) * scale_group;
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
-      const int n = row0 + r * PAIRS + pair;
-      if (n < n_rows) {
-        const size_t nl = static_cast<size_t>(n - seg_row0);
-        const uint4* p = reinterpret_cast<const uint4*>(codes + nl * code_row + chunk * code_chunk) + half;
+      const uint4* p = reinterpret_cast<const uint4*>(chunk_codes + static_cast<uint32_t>(row_in_seg[r]) * code_row);
 #pragma unroll
-        for (int u = 0; u < WORDS / 4; ++u) {
-          const uint4 a = load_stream(p + u);
-          word[r][4 * u] = a.x; word[r][4 * u + 1] = a.y; word[r][4 * u + 2] = a.z; word[r][4 * u + 3] = a.w;
-        }
-        scale[r] = __half2float(scales[nl * scale_row + (chunk * JT) / vectors_per_group * scale_group]);
-      } else {
-#pragma unroll
-        for (int k = 0; k < WORDS; ++k) word[r][k] = 0u;
-        scale[r] = 0.f;
+      for (int u = 0; u < WORDS / 4; ++u) {
+        const uint4 a = load_stream(p + u);
+        word[r][4 * u] = a.x; word[r][4 * u + 1] = a.y; word[r][4 * u + 2] = a.z; word[r][4 * u + 3] = a.w;
       }
+      const float s = __half2float(group_scales[static_cast<uint32_t>(row_in_seg[r]) * scale_row]);
+      scale[r] = r * PAIRS < rows_live ? s : 0.f;
     }
   };
   auto fetch_x = [&](int chunk) {
@@ -215,6 +224,14 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
       const int i = tid + u * THREADS;
       const int t = i / KT, k = i - t * KT;
       if (t < tokens) xr[u] = x[static_cast<size_t>(t) * stride_x + static_cast<size_t>(chunk) * KT + k];
+    }
+  };
+  // The prefetched activations into buffer b of xs (fp32 for the FMA build).
+  auto store_x = [&](int b) {
+#pragma unroll
+    for (int u = 0; u < XPT; ++u) {
+      const int i = tid + u * THREADS;
+      if (i < tokens * KT) reinterpret_cast<XS*>(xs)[b * MAXT * KT + i] = static_cast<XS>(xr[u]);
     }
   };
   // Byte s of a lane's codes <- byte s ^ perm: the code of table H ^ s sits where gather step s reads it.
@@ -237,28 +254,38 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
       for (int k = 0; k < WORDS; ++k) w[r][k] = __byte_perm(w[r][k], 0u, byte_sel);
     }
   };
-  if (chunk_lo < chunk_hi) fetch_x(chunk_lo);
 
+  // Double buffers (v12): for one token the Psumbook of chunk u goes to psum buffer u % 2, and a chunk's
+  // activations to xs buffer chunk % 2, so one barrier per chunk suffices. Building chunk u overwrites what chunk
+  // u - 2 gathered, and every thread passed chunk u - 1's barrier after its own chunk u - 2 gathers. The next
+  // chunk's activations go to the other xs buffer at the start of a chunk, when the builds that read it last
+  // (the previous chunk's) are behind a barrier, and the chunk's last barrier publishes them.
+  int group = chunk_lo / chunks_per_group, in_group = chunk_lo - group * chunks_per_group;
+  uint32_t buf = 0;
+  if (chunk_lo < chunk_hi) {
+    fetch_x(chunk_lo);
+    store_x(0);
+    if (chunk_lo + 1 < chunk_hi) fetch_x(chunk_lo + 1);
+  }
+  __syncthreads();
   for (int chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
-    __syncthreads();  // the previous chunk's readers of xs and psum are done
-#pragma unroll
-    for (int u = 0; u < XPT; ++u) {
-      const int i = tid + u * THREADS;
-      if (i < tokens * KT) {
-        if constexpr (TC) reinterpret_cast<XT*>(xs)[i] = xr[u];
-        else xs[i] = to_float(xr[u]);
-      }
+    const int xb = (chunk - chunk_lo) & 1;
+    fetch_codes(chunk, group);
+    if (++in_group == chunks_per_group) { in_group = 0; ++group; }
+    if (chunk + 1 < chunk_hi) {  // the previous chunk's builds, the last readers of xs[xb ^ 1], are done
+      store_x(xb ^ 1);
+      if (chunk + 2 < chunk_hi) fetch_x(chunk + 2);
     }
-    if (chunk + 1 < chunk_hi) fetch_x(chunk + 1);
-    fetch_codes(chunk);
-    __syncthreads();
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) {
       if (t >= tokens) break;
-      if (t > 0) __syncthreads();  // token t-1's gathers are done
+      // One token: the Psumbook is double-buffered, one barrier per chunk. More tokens: one buffer and a
+      // barrier before each build (a per-step buffer index made those plans spill hundreds of bytes).
+      if (!DOUBLE_PSUM && (t > 0 || chunk > chunk_lo)) __syncthreads();  // the previous step's gathers are done
+      float* pbuf = psum + buf * 32;
       if constexpr (TC) {
         // A = the chunk's activations [vector j][dim] (row j = g: words g * 4 + tq), B = a codebook's transpose.
-        const uint32_t* xw = reinterpret_cast<const uint32_t*>(reinterpret_cast<const XT*>(xs) + t * KT);
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(reinterpret_cast<const XT*>(xs) + (xb * MAXT + t) * KT);
         const uint32_t a0 = xw[g * 4 + tq], a1 = xw[(g + 8) * 4 + tq];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
@@ -272,7 +299,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
             float v0 = d[0][e], v1 = d[1][e], v2 = d[0][2 + e], v3 = d[1][2 + e];  // results r = 0 .. 3
             if (tq & 1) { const float w = v0; v0 = v1; v1 = v2; v2 = v3; v3 = w; }
             if (tq & 2) { float w = v0; v0 = v2; v2 = w; w = v1; v1 = v3; v3 = w; }
-            float* out_e = psum + (nt * 8 + e) * 32;
+            float* out_e = pbuf + (nt * 8 + e) * PSUM_ROW;
             out_e[store_off[0]] = v0;
             out_e[store_off[1]] = v1;
             out_e[store_off[2]] = v2;
@@ -281,7 +308,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
         }
       } else {
         float xj[V];  // this builder's v-slice of the activations (vector j = q / M)
-        const float4* xv = reinterpret_cast<const float4*>(xs + t * KT + (bq / M) * V);
+        const float4* xv = reinterpret_cast<const float4*>(xs + (xb * MAXT + t) * KT + (bq / M) * V);
 #pragma unroll
         for (int h = 0; h < V / 4; ++h) {
           const float4 xx = xv[h];
@@ -300,30 +327,33 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
             s = fmaf(cc.z, xj[4 * h + 2], s);
             s = fmaf(cc.w, xj[4 * h + 3], s);
           }
-          psum[c * 32 + bq] = s;
+          pbuf[c * PSUM_ROW + bq] = s;
         }
       }
       __syncthreads();
       if (t == 0) permute(word);
       const char* pb = reinterpret_cast<const char*>(psum);
-      // An opaque copy: the 16-32 table offsets below are then formed where they are used instead of
-      // being hoisted out of the chunk loop into registers (which spilled at 64 registers per thread).
+      // An opaque copy: the table offsets below are then formed where they are used instead of being hoisted
+      // out of the chunk loop into registers (which spilled at 64 registers per thread).
       uint32_t tbase;
-      asm volatile("mov.b32 %0, %1;" : "=r"(tbase) : "r"(table_base * 4u));
+      asm volatile("mov.b32 %0, %1;" : "=r"(tbase) : "r"(table_base * 4u | buf << 7));
       float sum[RPT];
 #pragma unroll
       for (int r = 0; r < RPT; ++r) sum[r] = 0.f;
 #pragma unroll
       for (int q = 0; q < CODES; ++q) {
-        const uint32_t toff = tbase ^ static_cast<uint32_t>(4 * q);  // table H ^ q: bank H ^ q
+        // Byte 0: the table's byte offset in the row (bank H ^ q) and the buffer; byte 1: the code, which
+        // selects the 256-byte row. One PRMT forms the whole address.
+        const uint32_t toff = tbase ^ static_cast<uint32_t>(4 * q);
 #pragma unroll
         for (int r = 0; r < RPT; ++r) {
-          const uint32_t code = (word[r][q >> 2] >> ((q & 3) * 8)) & 255u;
-          sum[r] += *reinterpret_cast<const float*>(pb + (code * 128u + toff));
+          const uint32_t at = __byte_perm(word[r][q >> 2], toff, 0x5504u | static_cast<uint32_t>((q & 3) << 4));
+          sum[r] += *reinterpret_cast<const float*>(pb + at);
         }
       }
 #pragma unroll
       for (int r = 0; r < RPT; ++r) acc[r][t] = fmaf(sum[r], scale[r], acc[r][t]);
+      if constexpr (DOUBLE_PSUM) buf ^= 1u;
     }
   }
 
@@ -351,8 +381,8 @@ int launch_psumbook(const void* x, int tokens, int stride_x, const Segments& seg
                     int groups, int vectors_per_group, int splits, cudaStream_t stream) {
   constexpr int JT = 32 / M;
   constexpr bool TC = tensor_core_build<M, V>();
-  const int smem = (32 * CENTROIDS + (TC ? 0 : M * (CENTROIDS * V + 4))) * 4 +
-                   MAXT * JT * V * (TC ? static_cast<int>(sizeof(XT)) : 4);
+  const int smem = (PSUM_WORDS + (TC ? 0 : M * (CENTROIDS * V + 4))) * 4 +
+                   2 * MAXT * JT * V * (TC ? static_cast<int>(sizeof(XT)) : 4);
   if (!segs.aligned(THREADS / LANES * RPT)) return static_cast<int>(cudaErrorInvalidValue);
   auto kernel = psumbook_kernel<M, V, RPT, MAXT, LANES, XT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
