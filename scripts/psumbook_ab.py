@@ -5,7 +5,7 @@ VARIANT_DIR (default build/exp/psb) holds copies of psumbook.cu to compare, e.g.
 (`git show HEAD~1:codegemm/ops/cuda/psumbook.cu > build/exp/psb/old.cu`; carry the folder). Each build is
 checked against the float64 reference and for run-to-run equality, then timed on the Llama-3 benchmark shapes
 beside fp16 cuBLAS and the tensor-core kernel. Env: CFGS (configs), SPLITS (multiples of the default split
-count), PERS (chunks per block instead), ONLY (one build), NOCHECK=1 (skip the checks), ROWS=1 (time and check
+count), PERS (chunks per block instead), RPTS (one-token rows per lane pair, default 4,8), ONLY (one build), NOCHECK=1 (skip the checks), ROWS=1 (time and check
 the row-major layout instead of the tiled one that models on a GPU hold, codegemm/layout.py).
 Variants must export the current entry points (since v9 the launchers take a `Segments` pointer, common.cuh):
 a psumbook.cu from before v9 has to be ported first. A `common.cuh` in VARIANT_DIR is what the variants include
@@ -56,6 +56,7 @@ only = os.environ.get("ONLY")
 if only:
     libs = {only: libs[only]}
 pers = [int(v) for v in os.environ.get("PERS", "").split(",") if v]
+rpts = [int(v) for v in os.environ.get("RPTS", "4,8").split(",")]
 for name, lib in (libs.items() if not os.environ.get("NOCHECK") else []):
     use(lib)
     worst = 0.0
@@ -65,7 +66,7 @@ for name, lib in (libs.items() if not os.environ.get("NOCHECK") else []):
             laid = layout(codes, cb, s)
             for t in (1, 2, 5, 16):
                 for dt in (torch.float16, torch.bfloat16):
-                    for rpt in (4, 8):
+                    for rpt in rpts:
                         x = torch.randn(t, k, device=dev, dtype=dt)
                         ref = reference.dense_matmul(x, codes, cb, s, None, torch.float64)
                         got = cu.psumbook_matmul_cuda(x, *laid, None, rows_per_thread=rpt, tiled=TILED)
@@ -98,7 +99,7 @@ for model, blk in shapes.items():
             m = int(cfg[1])
             for name, lib in libs.items():
                 use(lib)
-                for rpt in (4, 8):
+                for rpt in rpts:
                     num_vectors = cu.layer_geometry(*layers[0], TILED)[1]
                     _, base = cu.plan_cuda(1, n, num_vectors, m, dev)
                     base = base * rpt // 4

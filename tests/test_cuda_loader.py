@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from codegemm.ops import cuda
+from codegemm.ops.triton_psumbook import sm_count
 
 
 def test_library_path_names_source_hash_and_arch(tmp_path, monkeypatch):
@@ -83,9 +84,12 @@ def test_plan_fills_the_gpu_within_the_chunks(tokens):
         rpt, splits = cuda.plan_cuda(tokens, n, k // 8, 2, torch.device("cpu"))
         assert rpt in (2, 4, 8)
         assert 1 <= splits <= k // 8 // 16
-        if tokens == 1:  # one or two chunks per block
+        if tokens == 1:  # one to four chunks per block, at most one wave of two blocks per SM unless at four
             chunks = k // 8 // 16
-            assert splits in (chunks, -(-chunks // 2))
+            per_split = -(-chunks // splits)
+            assert 1 <= per_split <= 4
+            blocks = -(-n // cuda.psumbook_rows_per_block(1, rpt)) * splits
+            assert per_split == 4 or blocks <= 2 * sm_count(torch.device("cpu")) or per_split == 1
 
 
 @pytest.mark.slow

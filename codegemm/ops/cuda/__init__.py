@@ -40,11 +40,11 @@ _SOURCES = [pathlib.Path(__file__).with_name(name)
 CUDA_CONFIGS = {(2, 8), (1, 4)}
 """(num_codebooks, vec_len) pairs compiled into the library (nbits = 8)."""
 MAX_TOKENS = 16
-MMA_MIN_TOKENS = {(2, 8): 2, (1, 4): 1}
+MMA_MIN_TOKENS = {(2, 8): 2, (1, 4): 2}
 """(m, v) -> from this many tokens the codebook tensor-core kernel beats the CUDA Psumbook GEMV.
 
-Measured on an H200 (docs/KERNELS.md, v6): m2v8 gathers 32 bytes of centroids per 8 inputs and loses to
-the Psumbook at one token; m1v4 gathers 8 bytes per 4 inputs and wins from one token on the 70B shapes.
+Measured on an H200 (docs/KERNELS.md): at one token the Psumbook wins for both configs since v12 (m1v4 70B
+block 110 vs 166 µs; until v11 the tensor-core kernel won m1v4 from one token).
 """
 _THREADS = 512
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
@@ -226,14 +226,18 @@ def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.devic
     """(rows per thread or lane pair, K splits) for the plans compiled into psumbook.cu."""
     from codegemm.ops.triton_psumbook import sm_count
 
-    # One token: two lanes per row, 4 rows per lane pair; more tokens: one lane per row, 2 rows per thread.
+    # One token: two lanes per row, 4 rows per lane pair (2 for small layers); more tokens: one lane per row,
+    # 2 rows per thread.
     rpt, lanes = (4, 2) if tokens == 1 else (2, 1)
     blocks = -(-n // (_THREADS // lanes * rpt))
     chunks = num_vectors // (32 // m)
+    if tokens == 1 and blocks * chunks < sm_count(device):
+        # Too few blocks of one chunk to give every SM one: 512-row blocks (v12, H200: 4096x4096 6.4 -> 5.7 µs).
+        rpt, blocks = 2, -(-n // (_THREADS // lanes * 2))
     if tokens == 1:
-        # Swept on an H200 for v8 (docs/KERNELS.md): one chunk per block while that gives at most two blocks
-        # per SM, else two chunks per block (1, 2, 3, 4, 6, 8, 16 tried on every benchmark shape).
-        per_split = 1 if blocks * chunks <= 2 * sm_count(device) else 2
+        # Swept on an H200 for v12 (docs/KERNELS.md; 1, 2, 3, 4, 6, 8 chunks per block on every benchmark
+        # shape): as few chunks per block as fill one wave of two blocks per SM, at most four.
+        per_split = min(4, -(-blocks * chunks // (2 * sm_count(device))))
         return rpt, -(-chunks // per_split)
     # Measured on an H200 for v3 (docs/KERNELS.md): one or two chunks per block wins; many small blocks keep
     # every SM's shared-memory pipe busy.
@@ -274,9 +278,9 @@ def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.
 
 def psumbook_plan_rpt(tokens: int, rows_per_thread: int | None, n: int, num_vectors: int, m: int,
                       device: torch.device) -> int:
-    """The rows-per-thread plan psumbook.cu will run (the compiled ones: 4 or 8 for one token, else 2)."""
+    """The rows-per-thread plan psumbook.cu will run (the compiled ones: 2, 4 or 8 for one token, else 2)."""
     rpt = rows_per_thread or plan_cuda(tokens, n, num_vectors, m, device)[0]
-    return (8 if rpt >= 8 else 4) if tokens == 1 else 2
+    return (8 if rpt >= 8 else 4 if rpt >= 4 else 2) if tokens == 1 else 2
 
 
 def grouped_psumbook_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None,

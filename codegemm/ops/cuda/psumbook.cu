@@ -399,7 +399,7 @@ int launch_psumbook(const void* x, int tokens, int stride_x, const Segments& seg
   return used_splits > 1 ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, stream) : 0;
 }
 
-// Instantiated plans: one token: two lanes per row, RPT 4 or 8 rows per lane pair; 2-16 tokens: one
+// Instantiated plans: one token: two lanes per row, RPT 2, 4 or 8 rows per lane pair; 2-16 tokens: one
 // lane per row, RPT 2 rows per thread (more accumulators would spill).
 template <int M, int V, typename XT>
 int dispatch_plan(int rpt, int tokens, const void* x, int stride_x, const Segments& segs, const void* bias, void* out, float* partial, int n_rows, int num_vectors,
@@ -408,6 +408,7 @@ int dispatch_plan(int rpt, int tokens, const void* x, int stride_x, const Segmen
   return launch_psumbook<M, V, RR, MT, LL, XT>(x, tokens, stride_x, segs, bias, out, partial, n_rows, num_vectors, \
                                                groups, vpg, splits, stream)
   if (tokens == 1 && rpt == 8) { CODEGEMM_P(8, 1, 2); }
+  if (tokens == 1 && rpt == 2) { CODEGEMM_P(2, 1, 2); }
   if (tokens == 1) { CODEGEMM_P(4, 1, 2); }
   if (tokens <= 4) { CODEGEMM_P(2, 4, 1); }
   if (tokens <= 8) { CODEGEMM_P(2, 8, 1); }
@@ -433,7 +434,7 @@ int dispatch_config(int m, int v, int rpt, int tokens, const void* x, int stride
 
 extern "C" {
 
-// Configs compiled in: (m, v) in {(2, 8), (1, 4)}, 1-16 tokens; rpt picks 4 or 8 rows per lane pair for
+// Configs compiled in: (m, v) in {(2, 8), (1, 4)}, 1-16 tokens; rpt picks 2, 4 or 8 rows per lane pair for
 // one token (ignored otherwise). segs: the layer (one segment) or sibling layers stacked along N (common.cuh),
 // n_rows their total. Returns a cudaError_t (cudaErrorInvalidValue for segments off block boundaries), or -1
 // for a config that is not compiled in. dtype: 0 fp16, 1 bf16 (activations, bias, output).
