@@ -4,8 +4,9 @@
 // contiguous range of K chunks (a split of K).
 // A chunk is the 32 code bytes of each row that cover JT = 32 / M vectors (JT * V inputs, inside one
 // scale group). Per chunk and token the block builds the Psumbook in shared memory, table-minor,
-//     psum[c * 32 + q] = <codebooks[i, c, :], x[t, (chunk * JT + j) * V : ... + V]>   (fp32, q = j * M + i),
-// so table q lives in bank q whatever the code c. Each lane holds its share of its rows' 32 code bytes in
+//     psum[c * 64 + b * 32 + q] = <codebooks[i, c, :], x[t, (chunk * JT + j) * V : ... + V]>   (fp32, q = j * M + i),
+// so table q lives in bank q whatever the code c; b is one of two buffers (v12, see the main loop), and the
+// 256-byte rows make an entry's byte offset `c << 8 | (b * 32 + q) * 4`, formed by one PRMT. Each lane holds its share of its rows' 32 code bytes in
 // registers (16-byte streaming loads) and gathers one entry per code; at step s it reads table H ^ s, where
 // H differs across the 32 lanes of a warp, so a warp's 32 gathers hit 32 distinct banks (v8; random codes
 // used to cost ~3.5 shared-memory wavefronts per warp-wide gather). The lane's code bytes are permuted once
