@@ -158,34 +158,38 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[r][nt][e] = 0.f;
 
+  // This lane's rows g and g + 8 of each m-tile, relative to the segment and clamped to the layer's last row
+  // (rows past it are computed from a real row's codes and never stored), as offsets into the code and scale
+  // tables: computed once per work item, so the per-chunk loads need no branches and no 64-bit multiplies.
+  uint32_t code_off[R][2], scale_off[R][2];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t row = static_cast<uint32_t>(min(row_base + r * 16 + g + 8 * h, n_rows - 1) - seg_row0);
+      code_off[r][h] = row * static_cast<uint32_t>(code_row) + 8 * q;
+      scale_off[r][h] = row * static_cast<uint32_t>(scale_row);
+    }
   // Codes of rows g and g + 8 of each m-tile for one chunk (8 bytes each), fetched two chunks ahead.
   uint2 cw[R][2], next_cw[R][2], next2_cw[R][2];
   auto fetch = [&](int chunk, uint2 (&w)[R][2]) {
+    const uint8_t* chunk_codes = codes + static_cast<size_t>(chunk) * code_chunk;
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = row_base + r * 16 + g + 8 * h;
-        w[r][h] = n < n_rows ? load_codes(codes + static_cast<size_t>(n - seg_row0) * code_row + chunk * code_chunk +
-                                          8 * q)
-                             : make_uint2(0u, 0u);
-      }
+      for (int h = 0; h < 2; ++h) w[r][h] = load_codes(chunk_codes + code_off[r][h]);
   };
   // Group scales of rows g and g + 8 for four consecutive chunks: lane q loads chunk (base + q)'s, and the
-  // chunk's owner lane is read with a shuffle (a quarter of the scale loads).
+  // chunk's owner lane is read with a shuffle (a quarter of the scale loads). A chunk past the split reads its
+  // split's last chunk's group (never used).
   float sv[R][2], next_sv[R][2];
   auto fetch_scales = [&](int chunk, float (&sv)[R][2]) {
+    const int c = min(chunk + q, chunk_hi - 1);
+    const __half* group_scales = scales + static_cast<size_t>(c / chunks_per_group) * scale_group;
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = row_base + r * 16 + g + 8 * h;
-        const int c = chunk + q;
-        sv[r][h] = (n < n_rows && c < chunk_hi)
-                       ? __half2float(scales[static_cast<size_t>(n - seg_row0) * scale_row +
-                                             c / chunks_per_group * scale_group])
-                       : 0.f;
-      }
+      for (int h = 0; h < 2; ++h) sv[r][h] = __half2float(group_scales[scale_off[r][h]]);
   };
   if (nch > 0) fetch(chunk_lo, cw);
   if (nch > 1) fetch(chunk_lo + 1, next_cw);

@@ -1,0 +1,82 @@
+"""A/B of builds of the tensor-core kernel (codebook_mma.cu) at 2-16 tokens: prebuilt libraries, one process, one GPU.
+
+Usage (device machine): python3 scripts/mma_ab.py NAME=LIB.so [NAME=LIB.so ...]
+Build a library of the tree with `CODEGEMM_CUDA_CACHE=DIR python3 -c "from codegemm.ops.cuda import build;
+build('sm_90')"` (or of an older checkout) and carry it. Each library is checked against the float64 reference
+(tails, both dtypes) and for run-to-run equality, then timed on the Llama-3 decoder-block shapes in the tiled
+layout beside fp16 cuBLAS, with the plan the dispatcher would pick. Env: TOKENS (default 2,4,8,16), CFGS.
+"""
+import functools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from codegemm import reference
+from codegemm.bench.timing import device_name, rotation_count, time_calls
+from codegemm.layout import tile_codes, tile_scales
+from codegemm.ops import cuda as cu
+from codegemm.random_model import random_layer_tensors
+
+dev = torch.device("cuda")
+print(device_name(dev), flush=True)
+libs = {arg.split("=", 1)[0]: cu.bind_library(arg.split("=", 1)[1]) for arg in sys.argv[1:]}
+gen = torch.Generator(device=dev).manual_seed(0)
+tokens_list = [int(t) for t in os.environ.get("TOKENS", "2,4,8,16").split(",")]
+cfgs = os.environ.get("CFGS", "m2v8g128,m1v4g128").split(",")
+
+
+def use(lib):
+    cu.load_library = lambda arch, lib=lib: lib
+
+
+def tiled(codes, codebooks, scales):
+    return tile_codes(codes), codebooks, tile_scales(scales)
+
+
+for name, lib in libs.items():
+    use(lib)
+    worst = 0.0
+    for cfg in cfgs + ["m2v8"]:
+        for n, k in [(3000, 2048), (77, 512), (1000, 1536)]:
+            layer = random_layer_tensors(cfg, n, k, dev, torch.float16, gen)
+            for t in (1, 2, 5, 9, 16):
+                for dt in (torch.float16, torch.bfloat16):
+                    x = torch.randn(t, k, device=dev, dtype=dt)
+                    ref = reference.dense_matmul(x, *layer, None, torch.float64)
+                    got = cu.codebook_mma_cuda(x, *tiled(*layer), None, tiled=True)
+                    again = cu.codebook_mma_cuda(x, *tiled(*layer), None, tiled=True)
+                    err = float((got.double() - ref).norm() / ref.norm())
+                    if dt == torch.float16:
+                        worst = max(worst, err)
+                    if not err < (1e-3 if dt == torch.float16 else 8e-3) or not torch.equal(got, again):
+                        print("BAD", name, cfg, n, k, t, dt, err, flush=True)
+    print("checked", name, "worst fp16 rel err", f"{worst:.2e}", flush=True)
+
+shapes = {"8B": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
+          "70B": [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]}
+sums: dict[tuple[str, int, str], float] = {}
+for model, block in shapes.items():
+    for k, n in block:
+        weights = [torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02 for _ in range(rotation_count(n * k * 2))]
+        xs = {t: torch.randn(t, k, device=dev, dtype=torch.float16) for t in tokens_list}
+        for t in tokens_list:
+            us = time_calls([functools.partial(F.linear, xs[t], w) for w in weights]).median_us
+            sums[(model, t, "fp16")] = sums.get((model, t, "fp16"), 0.0) + us
+        del weights
+        for cfg in cfgs:
+            layers = [tiled(*random_layer_tensors(cfg, n, k, dev, torch.float16, gen))
+                      for _ in range(rotation_count(n * k // 4))]
+            for name, lib in libs.items():
+                use(lib)
+                for t in tokens_list:
+                    calls = [functools.partial(cu.codebook_mma_cuda, xs[t], *layer, None, tiled=True) for layer in layers]
+                    us = time_calls(calls).median_us
+                    sums[(model, t, f"{cfg}:{name}")] = sums.get((model, t, f"{cfg}:{name}"), 0.0) + us
+                    print(f"  {k}x{n} {cfg} {name} t={t} {us:.1f}", flush=True)
+            del layers
+            torch.cuda.empty_cache()
+print()
+for (model, t, kind), us in sorted(sums.items()):
+    print(f"{model} t={t:2d} {kind:24s} {us:8.1f} us  {sums[(model, t, 'fp16')] / us:.2f}x fp16")
