@@ -78,6 +78,12 @@ def tile_scales(scales: torch.Tensor) -> torch.Tensor:
     return scales.t().contiguous()
 
 
+def tile_tables(codes: torch.Tensor, codebooks: torch.Tensor,
+                scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A row-major layer's ``(codes, codebooks, scales)`` in the tiled layout (codebooks unchanged)."""
+    return tile_codes(codes), codebooks, tile_scales(scales)
+
+
 def untile_scales(tiled: torch.Tensor) -> torch.Tensor:
     """Tiled scales ``[K // g, N]`` -> a row-major ``[N, K // g]`` view (differentiable, not contiguous)."""
     return tiled.t()

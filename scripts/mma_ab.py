@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from codegemm import reference
 from codegemm.bench.timing import device_name, rotation_count, time_calls
-from codegemm.layout import tile_codes, tile_scales
+from codegemm.layout import tile_tables
 from codegemm.ops import cuda as cu
 from codegemm.random_model import random_layer_tensors
 
@@ -31,22 +31,19 @@ def use(lib):
     cu.load_library = lambda arch, lib=lib: lib
 
 
-def tiled(codes, codebooks, scales):
-    return tile_codes(codes), codebooks, tile_scales(scales)
-
-
 for name, lib in libs.items():
     use(lib)
     worst = 0.0
     for cfg in cfgs + ["m2v8"]:
         for n, k in [(3000, 2048), (77, 512), (1000, 1536)]:
             layer = random_layer_tensors(cfg, n, k, dev, torch.float16, gen)
+            laid = tile_tables(*layer)
             for t in (1, 2, 5, 9, 16):
                 for dt in (torch.float16, torch.bfloat16):
                     x = torch.randn(t, k, device=dev, dtype=dt)
                     ref = reference.dense_matmul(x, *layer, None, torch.float64)
-                    got = cu.codebook_mma_cuda(x, *tiled(*layer), None, tiled=True)
-                    again = cu.codebook_mma_cuda(x, *tiled(*layer), None, tiled=True)
+                    got = cu.codebook_mma_cuda(x, *laid, None, tiled=True)
+                    again = cu.codebook_mma_cuda(x, *laid, None, tiled=True)
                     err = float((got.double() - ref).norm() / ref.norm())
                     if dt == torch.float16:
                         worst = max(worst, err)
@@ -66,7 +63,7 @@ for model, block in shapes.items():
             sums[(model, t, "fp16")] = sums.get((model, t, "fp16"), 0.0) + us
         del weights
         for cfg in cfgs:
-            layers = [tiled(*random_layer_tensors(cfg, n, k, dev, torch.float16, gen))
+            layers = [tile_tables(*random_layer_tensors(cfg, n, k, dev, torch.float16, gen))
                       for _ in range(rotation_count(n * k // 4))]
             for name, lib in libs.items():
                 use(lib)

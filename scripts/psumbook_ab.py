@@ -19,7 +19,7 @@ from codegemm import reference
 from codegemm.bench.timing import time_calls, rotation_count, device_name
 from codegemm.random_model import random_layer_tensors
 from codegemm.ops import cuda as cu
-from codegemm.layout import tile_codes, tile_scales
+from codegemm.layout import tile_tables
 
 dev = torch.device("cuda")
 print(device_name(dev), flush=True)
@@ -45,7 +45,7 @@ TILED = not os.environ.get("ROWS")
 
 def layout(codes, codebooks, scales):
     """A layer's tables in the layout under test."""
-    return (tile_codes(codes), codebooks, tile_scales(scales)) if TILED else (codes, codebooks, scales)
+    return tile_tables(codes, codebooks, scales) if TILED else (codes, codebooks, scales)
 
 
 def use(lib):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -82,3 +83,17 @@ def assert_compiled_graph_matches_eager(model: torch.nn.Module, x: torch.Tensor)
         static_x.copy_(fresh)
         graph.replay()
         torch.testing.assert_close(static_out, model(fresh), rtol=2e-3, atol=2e-3)
+
+
+CUDA_SWEEP_CONFIGS = ["m2v8g128", "m1v4g128", "m2v8", "m2v8g256", "m1v4g512"]
+"""Configs the CUDA kernel sweeps cover: both compiled configs, per-row scales, larger groups."""
+CUDA_SWEEP_SHAPES = [(1000, 1024), (4096, 384), (16, 128), (4099, 2176)]
+"""(N, K) of the CUDA kernel sweeps: tails in N, K of 1-17 chunks."""
+
+
+def sweep_config(name: str, k: int) -> CodebookConfig:
+    """The sweep's config, skipping the (name, K) pairs whose scale group does not divide K."""
+    config = CodebookConfig.from_name(name)
+    if k % (config.group_size or k):
+        pytest.skip("group does not divide K")
+    return config

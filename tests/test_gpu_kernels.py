@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_compiled_graph_matches_eager, rel_error
+from helpers import CUDA_SWEEP_CONFIGS, CUDA_SWEEP_SHAPES, assert_compiled_graph_matches_eager, rel_error, sweep_config
 from torch import nn
 
 from codegemm import CodebookConfig, CodeGEMMError, CodeGEMMLinear, DTypeError, ShapeError, reference
@@ -173,15 +173,13 @@ def test_cuda_kernel_split_and_row_plans_agree():
             assert rel_error(out, ref) <= 1e-3, (rpt, splits)
 
 
-@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128", "m2v8", "m2v8g256", "m1v4g512"])
-@pytest.mark.parametrize("n,k", [(1000, 1024), (4096, 384), (16, 128), (4099, 2176)])
+@pytest.mark.parametrize("name", CUDA_SWEEP_CONFIGS)
+@pytest.mark.parametrize("n,k", CUDA_SWEEP_SHAPES)
 def test_cuda_kernels_every_token_count_and_plan(name, n, k):
     """Both CUDA kernels called directly: tokens 1-16, fp16/bf16, bias, odd N, every tile/split plan."""
     from codegemm.ops.cuda import codebook_mma_cuda, codebook_mma_eligible, psumbook_matmul_cuda
 
-    config = CodebookConfig.from_name(name)
-    if k % (config.group_size or k):
-        pytest.skip("group does not divide K")
+    config = sweep_config(name, k)
     codes, codebooks, scales = _random_layer(config, n, k)
     for tokens in range(1, 17):
         dtype = torch.float16 if tokens % 2 else torch.bfloat16

@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_compiled_graph_matches_eager, tiny_llama_config
+from helpers import (
+    CUDA_SWEEP_CONFIGS,
+    CUDA_SWEEP_SHAPES,
+    assert_compiled_graph_matches_eager,
+    sweep_config,
+    tiny_llama_config,
+)
 
 from codegemm import CodebookConfig, CodeGEMMLinear
-from codegemm.layout import tile_codes, tile_scales
+from codegemm.layout import tile_tables
 from codegemm.ops.cuda import (
     codebook_mma_cuda,
     codebook_mma_eligible,
@@ -37,19 +43,12 @@ def _layer(config: CodebookConfig, n: int, k: int, seed: int = 0):
     return codes, codebooks, scales
 
 
-def _tiled(layer):
-    codes, codebooks, scales = layer
-    return tile_codes(codes), codebooks, tile_scales(scales)
-
-
-@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128", "m2v8", "m2v8g256", "m1v4g512"])
-@pytest.mark.parametrize("n,k", [(1000, 1024), (4096, 384), (16, 128), (4099, 2176)])
+@pytest.mark.parametrize("name", CUDA_SWEEP_CONFIGS)
+@pytest.mark.parametrize("n,k", CUDA_SWEEP_SHAPES)
 def test_cuda_kernels_bit_identical_on_tiled_tables(name, n, k):
-    config = CodebookConfig.from_name(name)
-    if k % (config.group_size or k):
-        pytest.skip("group does not divide K")
+    config = sweep_config(name, k)
     rows = _layer(config, n, k)
-    tiled = _tiled(rows)
+    tiled = tile_tables(*rows)
     for tokens in range(1, 17):
         dtype = torch.float16 if tokens % 2 else torch.bfloat16
         x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
@@ -72,7 +71,7 @@ def test_cuda_kernels_bit_identical_on_tiled_tables(name, n, k):
 def test_grouped_kernels_bit_identical_on_tiled_tables(sizes, k, tokens):
     config = CodebookConfig.from_name("m2v8g128")
     rows = [_layer(config, n, k, seed=i) for i, n in enumerate(sizes)]
-    tiled = [_tiled(layer) for layer in rows]
+    tiled = [tile_tables(*layer) for layer in rows]
     x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
     bias = torch.randn(sum(sizes), device=DEVICE, dtype=torch.float16)
     # the grouped Psumbook kernel for one token, the grouped tensor-core kernel for more; one launch per layer

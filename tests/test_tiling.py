@@ -9,7 +9,7 @@ from helpers import random_quantized, tiny_llama_config
 from torch import nn
 
 from codegemm import CodebookConfig, CodeGEMMLinear, ShapeError
-from codegemm.layout import can_tile, tile_codes, tile_scales, untile_codes, untile_scales
+from codegemm.layout import can_tile, tile_codes, tile_scales, tile_tables, untile_codes, untile_scales
 from codegemm.ops.dispatch import Backend, codebook_matmul, grouped_matmul
 from codegemm.random_model import build_random_quantized_model
 from codegemm.siblings import fuse_siblings
@@ -29,9 +29,10 @@ def _layer(name: str, n: int, k: int, dtype=torch.float16, bias=False) -> CodeGE
 @pytest.mark.parametrize("name,n,k", TILEABLE)
 def test_round_trips_are_lossless(name, n, k):
     config = CodebookConfig.from_name(name)
-    codes, _, scales = random_quantized(config, n, k)
+    codes, codebooks, scales = random_quantized(config, n, k)
     codes = codes.to(torch.uint8)
-    tiled = tile_codes(codes)
+    tiled, same_books, tiled_scales = tile_tables(codes, codebooks, scales)
+    assert same_books is codebooks and torch.equal(tiled_scales, tile_scales(scales))
     assert tiled.shape == (k // config.vec_len * config.num_codebooks // 32, n, 32) and tiled.is_contiguous()
     # chunk c of row r is the row's code bytes 32c .. 32c + 31
     assert torch.equal(tiled[1, 3], codes[3].reshape(-1)[32:64])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from codegemm import reference
 from codegemm.bench.timing import copy_bandwidth, device_name, l2_bytes, rotation_count, time_calls
 from codegemm.config import CodebookConfig
-from codegemm.layout import can_tile, tile_codes, tile_scales
+from codegemm.layout import can_tile, tile_tables
 from codegemm.ops.dispatch import Backend, codebook_matmul, grouped_matmul, select_kernel
 from codegemm.random_model import random_layer_tensors
 from codegemm.shapes import BENCH_TOKENS, DECODER_BLOCKS, LinearShape
@@ -97,7 +97,7 @@ def _tiled(layers: list, config: CodebookConfig, k: int) -> list | None:
     config does not tile."""
     if not can_tile(config, k):
         return None
-    return [(tile_codes(codes), cb, tile_scales(s)) for codes, cb, s in layers]
+    return [tile_tables(*layer) for layer in layers]
 
 
 def _layouts(layers: list, config: CodebookConfig, k: int, rows_too: bool) -> list[tuple[str, list, bool]]:
