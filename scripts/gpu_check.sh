@@ -4,6 +4,7 @@
 #   STEPS="tests bench" bash scripts/gpu_check.sh
 #   STEPS="gen-tests gen-cli decode decode70b" bash scripts/gpu_check.sh   # generation tests, CLI, decode benchmarks
 #   STEPS=quant-best bash scripts/gpu_check.sh   # the quantizer's best preset timed on the GPU
+#   STEPS=profile bash scripts/gpu_check.sh      # Nsight Compute: one-token Psumbook, stalls per SASS instruction
 # Wheels in .whl/ (e.g. aqlm, for the benchmark's peer kernels) are installed to /tmp/site first.
 # Logs and JSON go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
@@ -76,6 +77,16 @@ PY
     echo "== kernel benchmark"
     python3 -m codegemm.cli.main bench kernels --json "$OUT/kernels.json" ${BENCH_ARGS:-} \
       2>&1 | tee "$OUT/bench.log" || status=1
+    ;;
+  profile)
+    echo "== Nsight Compute: one-token Psumbook on 8192x57344 and 4096x28672 (PROFILE_SKIP / PROFILE_COUNT pick launches)"
+    ncu --clock-control none --kernel-name regex:psumbook_kernel --launch-skip "${PROFILE_SKIP:-3}" \
+      --launch-count "${PROFILE_COUNT:-2}" --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+      --section Occupancy --section MemoryWorkloadAnalysis --section SourceCounters --import-source no \
+      -o "$OUT/psumbook" -f python3 scripts/profile_psumbook.py > "$OUT/profile_run.log" 2>&1 || status=1
+    ncu -i "$OUT/psumbook.ncu-rep" --print-details all > "$OUT/profile.txt" 2>&1 || status=1
+    ncu -i "$OUT/psumbook.ncu-rep" --page source --print-source sass --csv > "$OUT/profile_sass.csv" 2>&1 || status=1
+    grep -E "Duration|Throughput|Warp Cycles Per Issued|Issued Warp Per|No Eligible|Stall" "$OUT/profile.txt" | head -n 60
     ;;
   quant-best)
     echo "== quantizer: best preset on one GPU (Gemma 3 270M architecture, random weights)"
