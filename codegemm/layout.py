@@ -29,7 +29,11 @@ consecutive rows. Row-major, each row's chunk sits in its own cache line, and
 each row's 2-byte scale costs a 32-byte sector of its own. :func:`tile_codes`
 stores the codes ``[K*m / (32*v), N, 32]`` (chunk-major: consecutive rows'
 chunks adjacent) and :func:`tile_scales` the scales ``[K // g, N]``, so a warp's
-loads touch 4x fewer cache lines. The CUDA kernels take both layouts (strides);
+loads touch 4x fewer cache lines. Within a row's 32 bytes, byte ``s`` is stored
+at ``s ^ (n % 16)`` (:data:`TILE_CODE_XOR`): the order in which the one-token
+kernel's lanes gather their Psumbook tables (each lane of a warp starts at a
+different table, so a warp's gathers hit distinct shared-memory banks), which
+they otherwise permute in registers every chunk. The CUDA kernels take both layouts (strides);
 :meth:`CodeGEMMLinear.tile_ <codegemm.nn.CodeGEMMLinear.tile_>` switches a
 layer, and its ``state_dict`` is row-major whatever the layout in memory.
 """
@@ -61,16 +65,30 @@ def can_tile(config: CodebookConfig, in_features: int) -> bool:
     return config.nbits <= 8 and TILE_BYTES % m == 0 and (in_features // config.vec_len) % (TILE_BYTES // m) == 0
 
 
+TILE_CODE_XOR = 15
+"""Byte ``s`` of row ``n``'s 32 tiled code bytes sits at ``s ^ (n & TILE_CODE_XOR)`` (``Segments::code_xor``)."""
+
+
+def _swizzled(tiled: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor with byte ``s`` of each row's chunk moved to ``s ^ (n & TILE_CODE_XOR)``; its own
+    inverse. (Never in place: a one-chunk layer's transposed view is the caller's tensor.)"""
+    out = tiled.contiguous().clone()
+    position = torch.arange(TILE_BYTES, device=tiled.device)
+    for residue in range(1, min(TILE_CODE_XOR + 1, tiled.shape[1])):
+        out[:, residue::TILE_CODE_XOR + 1] = tiled[:, residue::TILE_CODE_XOR + 1][:, :, position ^ residue]
+    return out
+
+
 def tile_codes(codes: torch.Tensor) -> torch.Tensor:
-    """Row-major uint8 codes ``[N, K // v, m]`` -> tiled ``[chunks, N, 32]`` (contiguous)."""
+    """Row-major uint8 codes ``[N, K // v, m]`` -> tiled ``[chunks, N, 32]`` (contiguous, bytes swizzled)."""
     n = codes.shape[0]
-    return codes.reshape(n, -1, TILE_BYTES).transpose(0, 1).contiguous()
+    return _swizzled(codes.reshape(n, -1, TILE_BYTES).transpose(0, 1))
 
 
 def untile_codes(tiled: torch.Tensor, num_codebooks: int) -> torch.Tensor:
     """Tiled codes ``[chunks, N, 32]`` -> row-major ``[N, K // v, m]`` (contiguous)."""
     n = tiled.shape[1]
-    return tiled.transpose(0, 1).reshape(n, -1, num_codebooks).contiguous()
+    return _swizzled(tiled).transpose(0, 1).reshape(n, -1, num_codebooks).contiguous()
 
 
 def tile_scales(scales: torch.Tensor) -> torch.Tensor:

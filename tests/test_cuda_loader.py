@@ -48,8 +48,8 @@ def test_cpu_tensors_are_never_eligible():
 
 
 def test_segment_strides_address_both_layouts():
-    """The strides the kernels get put code byte (row n, chunk c, byte b) and scale (row n, group j) where each
-    layout stores them."""
+    """The strides and swizzle the kernels get put code byte (row n, chunk c, byte b) and scale (row n, group j)
+    where each layout stores them."""
     from codegemm.layout import tile_codes, tile_scales
 
     codes = torch.randint(0, 256, (48, 64, 2), dtype=torch.uint8)  # 4 chunks of 32 bytes per row
@@ -59,10 +59,10 @@ def test_segment_strides_address_both_layouts():
     for layer, is_tiled in (((codes, books, scales), False), (tiled, True)):
         assert cuda.layer_geometry(*layer, is_tiled) == (48, 64, 2, 4)
         segs = cuda._segments([layer, layer], is_tiled)
-        assert segs.count == 2 and segs.start[1] == 48
+        assert segs.count == 2 and segs.start[1] == 48 and segs.code_xor == (15 if is_tiled else 0)
         flat_codes, flat_scales = layer[0].reshape(-1), layer[2].reshape(-1)
         for n, c, b in [(0, 0, 0), (5, 3, 31), (47, 2, 7)]:
-            offset = n * segs.code_row[0] + c * segs.code_chunk[0] + b
+            offset = n * segs.code_row[0] + c * segs.code_chunk[0] + (b ^ (n & segs.code_xor))
             assert flat_codes[offset] == codes.reshape(48, 4, 32)[n, c, b]
         for n, j in [(0, 0), (7, 3), (47, 1)]:
             assert flat_scales[n * segs.scale_row[0] + j * segs.scale_group[0]] == scales[n, j]

@@ -9,7 +9,7 @@ from helpers import random_quantized, tiny_llama_config
 from torch import nn
 
 from codegemm import CodebookConfig, CodeGEMMLinear, ShapeError
-from codegemm.layout import can_tile, tile_codes, tile_scales, tile_tables, untile_codes, untile_scales
+from codegemm.layout import TILE_CODE_XOR, can_tile, tile_codes, tile_scales, tile_tables, untile_codes, untile_scales
 from codegemm.ops.dispatch import Backend, codebook_matmul, grouped_matmul
 from codegemm.random_model import build_random_quantized_model
 from codegemm.siblings import fuse_siblings
@@ -34,10 +34,23 @@ def test_round_trips_are_lossless(name, n, k):
     tiled, same_books, tiled_scales = tile_tables(codes, codebooks, scales)
     assert same_books is codebooks and torch.equal(tiled_scales, tile_scales(scales))
     assert tiled.shape == (k // config.vec_len * config.num_codebooks // 32, n, 32) and tiled.is_contiguous()
-    # chunk c of row r is the row's code bytes 32c .. 32c + 31
-    assert torch.equal(tiled[1, 3], codes[3].reshape(-1)[32:64])
+    # chunk c of row r is the row's code bytes 32c .. 32c + 31, byte s stored at s ^ (r % 16)
+    stored = torch.arange(32) ^ (3 & TILE_CODE_XOR)
+    assert torch.equal(tiled[1, 3, stored], codes[3].reshape(-1)[32:64])
+    if n > 16:
+        assert torch.equal(tiled[0, 16], codes[16].reshape(-1)[:32])
     assert torch.equal(untile_codes(tiled, config.num_codebooks), codes)
     assert torch.equal(untile_scales(tile_scales(scales)), scales)
+
+
+def test_tiling_one_chunk_layer_leaves_its_codes_alone():
+    """With one chunk per row the transposed view is the input itself: the byte swizzle must copy."""
+    codes = torch.randint(0, 256, (20, 16, 2), dtype=torch.uint8)
+    before = codes.clone()
+    tiled = tile_codes(codes)
+    assert torch.equal(codes, before) and tiled.data_ptr() != codes.data_ptr()
+    assert torch.equal(tiled[0, 5, torch.arange(32) ^ 5], codes[5].reshape(-1))
+    assert torch.equal(untile_codes(tiled, 2), codes)
 
 
 def test_can_tile_needs_whole_chunks_and_8_bit_codes():

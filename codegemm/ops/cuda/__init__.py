@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from codegemm.layout import TILE_BYTES
+from codegemm.layout import TILE_BYTES, TILE_CODE_XOR
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class _Segments(ctypes.Structure):
                 ("codes", ctypes.c_void_p * MAX_SEGMENTS), ("codebooks", ctypes.c_void_p * MAX_SEGMENTS),
                 ("scales", ctypes.c_void_p * MAX_SEGMENTS), ("code_row", ctypes.c_int * MAX_SEGMENTS),
                 ("code_chunk", ctypes.c_int * MAX_SEGMENTS), ("scale_row", ctypes.c_int * MAX_SEGMENTS),
-                ("scale_group", ctypes.c_int * MAX_SEGMENTS)]
+                ("scale_group", ctypes.c_int * MAX_SEGMENTS), ("code_xor", ctypes.c_int)]
 
 
 def layer_geometry(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -83,6 +83,7 @@ def _segments(layers: Sequence[Layer], tiled: bool = False) -> _Segments:
     """Each layer's tables and their strides (contiguous tensors in the given layout)."""
     segs = _Segments()
     segs.count = len(layers)
+    segs.code_xor = TILE_CODE_XOR if tiled else 0
     row = 0
     for i, (codes, codebooks, scales) in enumerate(layers):
         n, num_vectors, m, groups = layer_geometry(codes, codebooks, scales, tiled)

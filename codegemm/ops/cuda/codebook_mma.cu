@@ -161,13 +161,19 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   // This lane's rows g and g + 8 of each m-tile, relative to the segment and clamped to the layer's last row
   // (rows past it are computed from a real row's codes and never stored), as offsets into the code and scale
   // tables: computed once per work item, so the per-chunk loads need no branches and no 64-bit multiplies.
+  // Tiled codes are swizzled (byte s of row n at s ^ (n & code_xor), n & 15 = g + 8 h here): the lane's 8 bytes
+  // are then the 8-byte unit q ^ h (bit 3 of the swizzle), with byte k at k ^ (g & code_xor & 7), which two
+  // PRMTs with these selectors put back in order where the codes are used.
+  const uint32_t swz = static_cast<uint32_t>(g & segs.code_xor & 7);
+  const uint32_t unswizzle_lo = 0x3210u ^ (0x1111u * swz), unswizzle_hi = 0x7654u ^ (0x1111u * swz);
   uint32_t code_off[R][2], scale_off[R][2];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const uint32_t row = static_cast<uint32_t>(min(row_base + r * 16 + g + 8 * h, n_rows - 1) - seg_row0);
-      code_off[r][h] = row * static_cast<uint32_t>(code_row) + 8 * q;
+      const int unit = q ^ (((g + 8 * h) & segs.code_xor) >> 3);
+      code_off[r][h] = row * static_cast<uint32_t>(code_row) + 8 * unit;
       scale_off[r][h] = row * static_cast<uint32_t>(scale_row);
     }
   // Codes of rows g and g + 8 of each m-tile for one chunk (8 bytes each), fetched two chunks ahead.
@@ -228,7 +234,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
           uint32_t w8[2][4];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const uint32_t word = u < 2 ? cw[r][h].x : cw[r][h].y;
+            const uint32_t word = __byte_perm(cw[r][h].x, cw[r][h].y, u < 2 ? unswizzle_lo : unswizzle_hi);
             const uint32_t c0 = (word >> (16 * (u & 1))) & 255u, c1 = (word >> (16 * (u & 1) + 8)) & 255u;
             const uint4 a = *reinterpret_cast<const uint4*>(cb_lane + c0 * (COPIES * 16));
             const uint4 b = *reinterpret_cast<const uint4*>(cb_lane + 256 * COPIES * 16 + c1 * (COPIES * 16));
@@ -249,7 +255,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
           uint32_t w4[2][2][2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const uint32_t word = u < 2 ? cw[r][h].x : cw[r][h].y;
+            const uint32_t word = __byte_perm(cw[r][h].x, cw[r][h].y, u < 2 ? unswizzle_lo : unswizzle_hi);
 #pragma unroll
             for (int s = 0; s < 2; ++s) {
               const uint32_t c = (word >> (16 * (u & 1) + 8 * s)) & 255u;

@@ -26,6 +26,9 @@ struct Segments {
   int code_chunk[MAX_SEGMENTS];   // bytes from a row's 32-byte chunk of codes to its next
   int scale_row[MAX_SEGMENTS];    // elements from a row's scales to the next row's
   int scale_group[MAX_SEGMENTS];  // elements from a row's scale group to its next
+  // Byte s of row n's 32-byte chunk is stored at s ^ (n & code_xor), n counted from the segment's start: 15 in the
+  // tiled layout (the order the Psumbook kernel's lanes gather in), 0 row-major. The same for every segment.
+  int code_xor;
 
   __host__ __device__ int find(int row) const {
     int s = 0;

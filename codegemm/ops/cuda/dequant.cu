@@ -33,14 +33,18 @@ __global__ void __launch_bounds__(DQ_THREADS) dequant_kernel(const Segments laye
     const uint8_t* row_codes = codes + static_cast<size_t>(n) * layer.code_row[0];
     const __half* row_scales = scales + static_cast<size_t>(n) * layer.scale_row[0];
     XT* row_out = out + static_cast<size_t>(n) * num_vectors * V;
+    const int swz = n & layer.code_xor;  // byte s of the row's chunks is stored at s ^ swz (common.cuh)
 #pragma unroll 4
     for (int j = lane; j < num_vectors; j += 32) {
-      const uint8_t* vec_codes = row_codes + (j / JT) * code_chunk + (j % JT) * M;
+      // M == 2: the vector's two code bytes stay adjacent under the swizzle, swapped when swz is odd.
+      const uint8_t* vec_codes = row_codes + (j / JT) * code_chunk + (((j % JT) * M) ^ (swz & ~(M - 1)));
       float w[V];
       if constexpr (M == 2) {
         const uint32_t two = *reinterpret_cast<const uint16_t*>(vec_codes);
-        const uint4 a = *reinterpret_cast<const uint4*>(cb_lane + (two & 255u) * (COPIES * 16));
-        const uint4 b = *reinterpret_cast<const uint4*>(cb_lane + 256 * COPIES * 16 + (two >> 8) * (COPIES * 16));
+        const uint32_t shift = (swz & 1) * 8;
+        const uint32_t c0 = (two >> shift) & 255u, c1 = (two >> (8 - shift)) & 255u;
+        const uint4 a = *reinterpret_cast<const uint4*>(cb_lane + c0 * (COPIES * 16));
+        const uint4 b = *reinterpret_cast<const uint4*>(cb_lane + 256 * COPIES * 16 + c1 * (COPIES * 16));
         const __half2* ha = reinterpret_cast<const __half2*>(&a);
         const __half2* hb = reinterpret_cast<const __half2*>(&b);
 #pragma unroll

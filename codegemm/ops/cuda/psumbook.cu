@@ -9,8 +9,9 @@
 // 256-byte rows make an entry's byte offset `c << 8 | (b * 32 + q) * 4`, formed by one PRMT. Each lane holds its share of its rows' 32 code bytes in
 // registers (16-byte streaming loads) and gathers one entry per code; at step s it reads table H ^ s, where
 // H differs across the 32 lanes of a warp, so a warp's 32 gathers hit 32 distinct banks (v8; random codes
-// used to cost ~3.5 shared-memory wavefronts per warp-wide gather). The lane's code bytes are permuted once
-// per chunk (byte s <- byte s ^ H) to match. Entries are summed in fp32 and scaled by the row's group
+// used to cost ~3.5 shared-memory wavefronts per warp-wide gather). The lane's code bytes must be in that order
+// (byte s <- byte s ^ H): the tiled layout stores them so (v13); other codes are permuted once per chunk in
+// registers. Entries are summed in fp32 and scaled by the row's group
 // scale; with two lanes per row, one shuffle at the end adds the halves.
 // The m2v8 Psumbook is built on the tensor cores (v10): per codebook it is the product of the chunk's activations
 // [16 vectors x 8] with the codebook's transpose [8 x 256], 64 mma.m16n8k8 per chunk (four per warp) instead of
@@ -181,8 +182,12 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   // Gather role: this lane's tables are H ^ s (s = 0 .. CODES - 1), distinct across the warp's lanes.
   const int perm = (tid / LANES) % CODES;
   const uint32_t table_base = static_cast<uint32_t>(half * CODES + perm);
-  // byte_perm selector that maps byte b of a word to byte b ^ (perm & 3)
-  const uint32_t byte_sel = 0x3210u ^ (0x1111u * static_cast<uint32_t>(perm & 3));
+  // The permutation left to apply in registers: the tiled layout stores byte s of row n's chunk at
+  // s ^ (n & code_xor) (common.cuh), which is H's for two lanes per row (n & 15 = perm, nothing left) and all but
+  // its top bit for one lane per row; row-major codes need all of it.
+  const int fix = perm ^ (pair & segs.code_xor);
+  // byte_perm selector that maps byte b of a word to byte b ^ (fix & 3)
+  const uint32_t byte_sel = 0x3210u ^ (0x1111u * static_cast<uint32_t>(fix & 3));
 
   float acc[RPT][MAXT];
 #pragma unroll
@@ -190,34 +195,44 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) acc[r][t] = 0.f;
 
-  // This lane's rows, relative to the segment's first row and clamped to the last row: a tail row reads a real
-  // row's codes and is scaled by 0, so the loads need no branches.
-  int row_in_seg[RPT];
+  // This lane's rows as byte offsets into the segment's code and scale tables, clamped to the last row: a tail
+  // row reads a real row's codes and scale (finite sums that are never written), so the loads need no branches.
+  uint32_t code_off[RPT], scale_off[RPT];
 #pragma unroll
-  for (int r = 0; r < RPT; ++r) row_in_seg[r] = min(row0 + r * PAIRS + pair, n_rows - 1) - seg_row0;
-  const int rows_live = n_rows - row0 - pair;  // row r is live when r * PAIRS < rows_live
+  for (int r = 0; r < RPT; ++r) {
+    const uint32_t row = static_cast<uint32_t>(min(row0 + r * PAIRS + pair, n_rows - 1) - seg_row0);
+    code_off[r] = row * code_row + half * 16;
+    scale_off[r] = row * scale_row * 2;
+  }
 
   // The chunk's codes and scales are loaded before its Psumbook is built, so their latency hides behind the
   // build; the next chunk's activations are prefetched. (v3-v5 also prefetched the next chunk's codes: worth
   // 1.5%, and the registers it held made the one-token plan spill.)
   constexpr int XPT = (MAXT * KT + THREADS - 1) / THREADS;
+  // The chunk's code and scale tables advance by pointer steps. Scales are loaded one chunk ahead (v13): the
+  // compiler converts them to fp32 right after their loads, which stalled each chunk's build on their latency.
   uint32_t word[RPT][WORDS];
-  float scale[RPT];
+  static_assert(RPT % 2 == 0, "scales are prefetched in pairs");
+  __half2 scale[RPT / 2], next_scale[RPT / 2];  // two rows' scales per register
   XT xr[XPT];
-  auto fetch_codes = [&](int chunk, int group) {
-    const uint8_t* chunk_codes = codes + static_cast<size_t>(chunk) * code_chunk + half * 16;
-    const __half* group_scales = scales + static_cast<size_t>(group) * scale_group;
+  const char* chunk_codes = reinterpret_cast<const char*>(codes);
+  const char* group_scales = reinterpret_cast<const char*>(scales);
+  auto fetch_codes = [&]() {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
-      const uint4* p = reinterpret_cast<const uint4*>(chunk_codes + static_cast<uint32_t>(row_in_seg[r]) * code_row);
+      const uint4* p = reinterpret_cast<const uint4*>(chunk_codes + code_off[r]);
 #pragma unroll
       for (int u = 0; u < WORDS / 4; ++u) {
         const uint4 a = load_stream(p + u);
         word[r][4 * u] = a.x; word[r][4 * u + 1] = a.y; word[r][4 * u + 2] = a.z; word[r][4 * u + 3] = a.w;
       }
-      const float s = __half2float(group_scales[static_cast<uint32_t>(row_in_seg[r]) * scale_row]);
-      scale[r] = r * PAIRS < rows_live ? s : 0.f;
     }
+  };
+  auto fetch_scales = [&]() {
+#pragma unroll
+    for (int r = 0; r < RPT; r += 2)
+      next_scale[r / 2] = __halves2half2(__ldg(reinterpret_cast<const __half*>(group_scales + scale_off[r])),
+                                         __ldg(reinterpret_cast<const __half*>(group_scales + scale_off[r + 1])));
   };
   auto fetch_x = [&](int chunk) {
 #pragma unroll
@@ -235,14 +250,14 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
       if (i < tokens * KT) reinterpret_cast<XS*>(xs)[b * MAXT * KT + i] = static_cast<XS>(xr[u]);
     }
   };
-  // Byte s of a lane's codes <- byte s ^ perm: the code of table H ^ s sits where gather step s reads it.
+  // Byte s of a lane's codes <- byte s ^ fix: the code of table H ^ s then sits where gather step s reads it.
   // Applied after the Psumbook build, by when the loads have landed.
   auto permute = [&](uint32_t (&w)[RPT][WORDS]) {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
 #pragma unroll
       for (int bit = 1; bit < WORDS; bit <<= 1) {
-        const bool swap = ((perm >> 2) & bit) != 0;
+        const bool swap = ((fix >> 2) & bit) != 0;
 #pragma unroll
         for (int k = 0; k < WORDS; ++k) {
           if (k & bit) continue;
@@ -261,9 +276,12 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   // u - 2 gathered, and every thread passed chunk u - 1's barrier after its own chunk u - 2 gathers. The next
   // chunk's activations go to the other xs buffer at the start of a chunk, when the builds that read it last
   // (the previous chunk's) are behind a barrier, and the chunk's last barrier publishes them.
-  int group = chunk_lo / chunks_per_group, in_group = chunk_lo - group * chunks_per_group;
+  int in_group = chunk_lo % chunks_per_group;
+  chunk_codes += static_cast<size_t>(chunk_lo) * code_chunk;
+  group_scales += static_cast<size_t>(chunk_lo / chunks_per_group) * scale_group * 2;
   uint32_t buf = 0;
   if (chunk_lo < chunk_hi) {
+    fetch_scales();
     fetch_x(chunk_lo);
     store_x(0);
     if (chunk_lo + 1 < chunk_hi) fetch_x(chunk_lo + 1);
@@ -271,8 +289,12 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   __syncthreads();
   for (int chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
     const int xb = (chunk - chunk_lo) & 1;
-    fetch_codes(chunk, group);
-    if (++in_group == chunks_per_group) { in_group = 0; ++group; }
+    fetch_codes();
+#pragma unroll
+    for (int r = 0; r < RPT / 2; ++r) scale[r] = next_scale[r];
+    chunk_codes += code_chunk;
+    if (++in_group == chunks_per_group) { in_group = 0; group_scales += scale_group * 2; }
+    if (chunk + 1 < chunk_hi) fetch_scales();
     if (chunk + 1 < chunk_hi) {  // the previous chunk's builds, the last readers of xs[xb ^ 1], are done
       store_x(xb ^ 1);
       if (chunk + 2 < chunk_hi) fetch_x(chunk + 2);
@@ -332,7 +354,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
         }
       }
       __syncthreads();
-      if (t == 0) permute(word);
+      if (t == 0 && fix != 0) permute(word);
       const char* pb = reinterpret_cast<const char*>(psum);
       // An opaque copy: the table offsets below are then formed where they are used instead of being hoisted
       // out of the chunk loop into registers (which spilled at 64 registers per thread).
@@ -353,7 +375,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
         }
       }
 #pragma unroll
-      for (int r = 0; r < RPT; ++r) acc[r][t] = fmaf(sum[r], scale[r], acc[r][t]);
+      for (int r = 0; r < RPT; ++r) acc[r][t] = fmaf(sum[r], r % 2 ? __high2float(scale[r / 2]) : __low2float(scale[r / 2]), acc[r][t]);
       if constexpr (DOUBLE_PSUM) buf ^= 1u;
     }
   }
