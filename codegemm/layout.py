@@ -72,7 +72,7 @@ TILE_CODE_XOR = 15
 def _swizzled(tiled: torch.Tensor) -> torch.Tensor:
     """A new contiguous tensor with byte ``s`` of each row's chunk moved to ``s ^ (n & TILE_CODE_XOR)``; its own
     inverse. (Never in place: a one-chunk layer's transposed view is the caller's tensor.)"""
-    out = tiled.contiguous().clone()
+    out = tiled.clone(memory_format=torch.contiguous_format)
     position = torch.arange(TILE_BYTES, device=tiled.device)
     for residue in range(1, min(TILE_CODE_XOR + 1, tiled.shape[1])):
         out[:, residue::TILE_CODE_XOR + 1] = tiled[:, residue::TILE_CODE_XOR + 1][:, :, position ^ residue]
