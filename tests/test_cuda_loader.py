@@ -92,6 +92,27 @@ def test_plan_fills_the_gpu_within_the_chunks(tokens):
             assert per_split == 4 or blocks <= 2 * sm_count(torch.device("cpu")) or per_split == 1
 
 
+def test_psumbook_mma_plan_stages_at_most_four_chunks_and_fills_the_gpu():
+    sms = sm_count(torch.device("cpu"))
+    for n, k in [(4096, 4096), (57344, 8192), (512, 128), (4096, 14336), (6144, 4096)]:
+        tiles, splits = cuda.plan_psumbook_mma(n, k, torch.device("cpu"))
+        chunks = k // cuda.MMA_CHUNK_INPUTS
+        per_split = -(-chunks // splits)
+        assert tiles in (1, 2, 4) and 1 <= per_split <= cuda.PSUMBOOK_MMA_MAX_CHUNKS
+        blocks = -(-n // cuda.mma_rows_per_block(4, n, k, torch.device("cpu"), psumbook=True)) * splits
+        assert per_split == cuda.PSUMBOOK_MMA_MAX_CHUNKS or per_split == 1 or blocks <= sms * (1 if tiles == 4 else 2)
+
+
+def test_psumbook_mma_takes_fp16_tiled_calls_of_up_to_four_tokens():
+    for tokens, dtype, tiled, fits in [(2, torch.float16, True, True), (4, torch.float16, True, True),
+                                       (5, torch.float16, True, False), (2, torch.bfloat16, True, False),
+                                       (2, torch.float16, False, False)]:
+        assert cuda.psumbook_mma_fits(torch.zeros(tokens, 128, dtype=dtype), tiled) is fits
+    x = torch.zeros(3, 128, dtype=torch.float16)
+    assert cuda.psumbook_mma_chosen(x, torch.zeros(2, 256, 8, dtype=torch.float16), True)
+    assert not cuda.psumbook_mma_chosen(x, torch.zeros(1, 256, 4, dtype=torch.float16), True)  # faster on the other
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(cuda._nvcc() is None, reason="needs nvcc")
 def test_built_library_loads_and_declares_its_entry_points(tmp_path, monkeypatch):
@@ -99,4 +120,4 @@ def test_built_library_loads_and_declares_its_entry_points(tmp_path, monkeypatch
     monkeypatch.setenv("CODEGEMM_CUDA_CACHE", str(tmp_path))
     lib = cuda.bind_library(cuda.build("sm_90"))
     assert lib.codegemm_error_string(0) == b"no error"
-    assert lib.codegemm_psumbook.argtypes == lib.codegemm_codebook_mma.argtypes
+    assert lib.codegemm_psumbook.argtypes == lib.codegemm_codebook_mma.argtypes == lib.codegemm_psumbook_mma.argtypes

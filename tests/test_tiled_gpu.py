@@ -1,6 +1,8 @@
 """The tiled GPU layout on the device (``-m gpu``): every CUDA kernel gives bit for bit what it gives on the
 row-major tables (same summation order, only the addresses differ), through the module and dispatcher too,
-under ``torch.compile(fullgraph=True)`` and CUDA-graph capture."""
+under ``torch.compile(fullgraph=True)`` and CUDA-graph capture. The one kernel that reads only tiled tables
+(psumbook_mma.cu: 2-4 fp16 tokens) is held to the float64 reference instead, here where the dispatcher picks it
+and in tests/test_psumbook_mma_gpu.py."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ from helpers import (
     CUDA_SWEEP_CONFIGS,
     CUDA_SWEEP_SHAPES,
     assert_compiled_graph_matches_eager,
+    rel_error,
     sweep_config,
     tiny_llama_config,
 )
 
-from codegemm import CodebookConfig, CodeGEMMLinear
+from codegemm import CodebookConfig, CodeGEMMLinear, reference
 from codegemm.layout import tile_tables
 from codegemm.ops.cuda import (
     codebook_mma_cuda,
@@ -23,6 +26,7 @@ from codegemm.ops.cuda import (
     cuda_psumbook_eligible,
     dequantize_cuda,
     psumbook_matmul_cuda,
+    psumbook_mma_chosen,
 )
 from codegemm.ops.dispatch import grouped_matmul
 from codegemm.random_model import build_random_quantized_model
@@ -60,7 +64,8 @@ def test_cuda_kernels_bit_identical_on_tiled_tables(name, n, k):
         assert codebook_mma_eligible(x, *tiled, bias, tiled=True)
         for tiles, splits in [(None, None), (2, 3)]:
             want = codebook_mma_cuda(x, *rows, bias, tiles, splits)
-            assert torch.equal(codebook_mma_cuda(x, *tiled, bias, tiles, splits, tiled=True), want), (tokens, tiles)
+            got = codebook_mma_cuda(x, *tiled, bias, tiles, splits, tiled=True, psumbook=False)
+            assert torch.equal(got, want), (tokens, tiles)
     for dtype in (torch.float16, torch.bfloat16):
         assert cuda_dequant_eligible(*tiled, dtype, tiled=True)
         assert torch.equal(dequantize_cuda(*tiled, dtype, tiled=True), dequantize_cuda(*rows, dtype))
@@ -77,7 +82,13 @@ def test_grouped_kernels_bit_identical_on_tiled_tables(sizes, k, tokens):
     # the grouped Psumbook kernel for one token, the grouped tensor-core kernel for more; one launch per layer
     # where the sizes are off the block boundaries (1024, 256, 256)
     want = grouped_matmul(x, rows, bias, config)
-    assert torch.equal(grouped_matmul(x, tiled, bias, config, tiled=True), want)
+    got = grouped_matmul(x, tiled, bias, config, tiled=True)
+    if psumbook_mma_chosen(x, tiled[0][1], True):  # tiled only: the float64 reference instead
+        ref = torch.cat([reference.dense_matmul(x, *layer, b, torch.float64)
+                         for layer, b in zip(rows, bias.split(list(sizes)))], dim=1)
+        assert rel_error(got, ref) <= 1e-3
+    else:
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 16, 17, 64])
@@ -89,7 +100,11 @@ def test_tiled_module_matches_row_major_module(tokens):
     x = torch.randn(tokens, 1024, device=DEVICE, dtype=torch.float16)
     with torch.no_grad():
         want = layer(x)
-        assert torch.equal(layer.tile_()(x), want)
+        got = layer.tile_()(x)
+    if psumbook_mma_chosen(x, codebooks, True):  # tiled only: the float64 reference instead
+        assert rel_error(got, reference.dense_matmul(x, codes, codebooks, scales, bias, torch.float64)) <= 1e-3
+    else:
+        assert torch.equal(got, want)
 
 
 def test_tile_for_gpu_tiles_what_the_cuda_kernels_read():

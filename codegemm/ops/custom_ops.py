@@ -29,6 +29,7 @@ from codegemm.ops.cuda import (
     layer_geometry,
     mma_rows_per_block,
     psumbook_matmul_cuda,
+    psumbook_mma_chosen,
     psumbook_plan_rpt,
     psumbook_rows_per_block,
 )
@@ -156,7 +157,9 @@ def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False):
     v = codebooks[0].shape[2]
     use_mma = tokens >= MMA_MIN_TOKENS.get((m, v), MAX_TOKENS + 1)
     if use_mma:
-        if grouped_eligible(x, layers, bias, mma_rows_per_block(tokens, n, k, x.device), codebook_mma_eligible, tiled):
+        pmma = psumbook_mma_chosen(x, codebooks[0], tiled)
+        rows_per_block = mma_rows_per_block(tokens, n, k, x.device, psumbook=pmma)
+        if grouped_eligible(x, layers, bias, rows_per_block, codebook_mma_eligible, tiled):
             return grouped_mma_cuda(x, layers, bias, tiled=tiled)
     else:
         rpt = psumbook_plan_rpt(tokens, None, n, num_vectors, m, x.device)

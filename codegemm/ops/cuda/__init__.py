@@ -1,10 +1,13 @@
-"""CUDA C++ kernels (psumbook.cu, codebook_mma.cu), built with nvcc at first use and called through ctypes.
+"""CUDA C++ kernels (psumbook.cu, codebook_mma.cu, psumbook_mma.cu), built with nvcc at first use and called
+through ctypes.
 
 Only the benchmark configs where Triton measurably falls short are compiled
 in: m2v8 and m1v4 with 8-bit codes, fp16 codebooks and scales, fp16/bf16
-activations, 1-16 tokens. Two kernels: the Psumbook GEMV (psumbook.cu) and
-the codebook tensor-core kernel (codebook_mma.cu: conflict-free centroid
-gathers + mma.sync), which costs the same for 1-16 tokens. Both also serve
+activations, 1-16 tokens. Three kernels: the Psumbook GEMV (psumbook.cu), the
+codebook tensor-core kernel (codebook_mma.cu: conflict-free centroid gathers +
+mma.sync), which costs the same for 1-16 tokens, and for 2-4 fp16 tokens on
+tiled tables a Psumbook of four tokens per entry summed on the tensor cores
+(psumbook_mma.cu). All also serve
 sibling layers (q/k/v, gate/up) in one launch: :func:`grouped_psumbook_cuda`,
 :func:`grouped_mma_cuda` (``Segments`` in common.cuh).
 :func:`cuda_psumbook_eligible` / :func:`codebook_mma_eligible` say whether a
@@ -36,7 +39,7 @@ from codegemm.layout import TILE_BYTES, TILE_CODE_XOR
 logger = logging.getLogger(__name__)
 
 _SOURCES = [pathlib.Path(__file__).with_name(name)
-            for name in ("psumbook.cu", "codebook_mma.cu", "dequant.cu", "common.cuh")]
+            for name in ("psumbook.cu", "codebook_mma.cu", "psumbook_mma.cu", "dequant.cu", "common.cuh")]
 CUDA_CONFIGS = {(2, 8), (1, 4)}
 """(num_codebooks, vec_len) pairs compiled into the library (nbits = 8)."""
 MAX_TOKENS = 16
@@ -150,6 +153,8 @@ def bind_library(path: str | os.PathLike) -> ctypes.CDLL:
         ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
     lib.codegemm_codebook_mma.restype = ctypes.c_int
     lib.codegemm_codebook_mma.argtypes = lib.codegemm_psumbook.argtypes
+    lib.codegemm_psumbook_mma.restype = ctypes.c_int
+    lib.codegemm_psumbook_mma.argtypes = lib.codegemm_psumbook.argtypes
     lib.codegemm_dequant.restype = ctypes.c_int
     lib.codegemm_dequant.argtypes = [ctypes.c_int] * 3 + [ctypes.POINTER(_Segments), ctypes.c_void_p] + [
         ctypes.c_int] * 3 + [ctypes.c_void_p]
@@ -366,37 +371,89 @@ def _best_mma_splits(tokens: int, row_blocks: int, chunks: int, resident: int) -
 
 def codebook_mma_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                       bias: torch.Tensor | None, tiles: int | None = None, splits: int | None = None,
-                      tiled: bool = False) -> torch.Tensor:
-    """``x [T, K] -> [T, N]`` through codebook_mma.cu; the call must be :func:`codebook_mma_eligible`."""
-    return grouped_mma_cuda(x, [(codes, codebooks, scales)], bias, tiles, splits, tiled)
+                      tiled: bool = False, psumbook: bool | None = None) -> torch.Tensor:
+    """``x [T, K] -> [T, N]`` through codebook_mma.cu or psumbook_mma.cu (:func:`grouped_mma_cuda`); the call
+    must be :func:`codebook_mma_eligible`."""
+    return grouped_mma_cuda(x, [(codes, codebooks, scales)], bias, tiles, splits, tiled, psumbook)
 
 
-def mma_rows_per_block(tokens: int, n: int, k: int, device: torch.device, tiles: int | None = None) -> int:
-    """Output rows one work item of codebook_mma.cu covers under the plan it will run."""
-    return _MMA_ROWS_PER_BLOCK_TILE * (tiles or plan_mma(tokens, n, k, device)[0])
+PSUMBOOK_MMA_MAX_TOKENS = 4
+"""Tokens one Psumbook entry of psumbook_mma.cu holds (four fp16 partial sums)."""
+PSUMBOOK_MMA_MAX_CHUNKS = 4
+"""Chunks per split that psumbook_mma.cu stages activations for."""
+
+
+PSUMBOOK_MMA_CONFIGS = {(2, 8)}
+"""(m, v) that the dispatcher sends to psumbook_mma.cu when the call fits. m1v4 stays on codebook_mma.cu, which
+gathers only 8 bytes per centroid and is faster (H200, 8B block, 4 tokens: 58.9 vs 66.2 µs; docs/KERNELS.md v14)."""
+
+
+def psumbook_mma_fits(x: torch.Tensor, tiled: bool) -> bool:
+    """Whether psumbook_mma.cu can take a :func:`codebook_mma_eligible` call: fp16 activations, at most four
+    tokens, tiled tables (its conflict-free gathers rely on the tiled layout's swizzle)."""
+    return tiled and x.dtype == torch.float16 and x.shape[0] <= PSUMBOOK_MMA_MAX_TOKENS
+
+
+def psumbook_mma_chosen(x: torch.Tensor, codebooks: torch.Tensor, tiled: bool) -> bool:
+    """Whether :func:`grouped_mma_cuda` runs psumbook_mma.cu for this call by default (it fits, and the config
+    is one of :data:`PSUMBOOK_MMA_CONFIGS`)."""
+    return psumbook_mma_fits(x, tiled) and (codebooks.shape[0], codebooks.shape[2]) in PSUMBOOK_MMA_CONFIGS
+
+
+def plan_psumbook_mma(n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(16-row tiles per warp, K splits) for psumbook_mma.cu: 1024-row blocks (one per SM, two Psumbook buffers),
+    and as few chunks per block as fill one wave, at most :data:`PSUMBOOK_MMA_MAX_CHUNKS` (the one-token kernel's
+    rule). Measured on an H200 (docs/KERNELS.md v14): 8B block at 4 tokens 65.5 µs with 1024-row blocks, 82.2 with
+    512 (two blocks per SM, one buffer), 124.9 with 256; half or twice the planned splits: 69.7 / 77.3 µs."""
+    from codegemm.ops.triton_psumbook import sm_count
+
+    tiles = int(os.environ.get("CODEGEMM_PSUMBOOK_MMA_TILES", "0")) or 4
+    per_sm = 1 if tiles >= 4 else 2
+    chunks = k // MMA_CHUNK_INPUTS
+    blocks = -(-n // (_MMA_ROWS_PER_BLOCK_TILE * tiles))
+    per_split = max(1, min(PSUMBOOK_MMA_MAX_CHUNKS, -(-blocks * chunks // (per_sm * sm_count(device)))))
+    return tiles, -(-chunks // per_split)
+
+
+def mma_rows_per_block(tokens: int, n: int, k: int, device: torch.device, tiles: int | None = None,
+                       psumbook: bool = False) -> int:
+    """Output rows one work item of codebook_mma.cu (``psumbook``: one block of psumbook_mma.cu) covers under the
+    plan it will run."""
+    plan = plan_psumbook_mma(n, k, device) if psumbook else plan_mma(tokens, n, k, device)
+    return _MMA_ROWS_PER_BLOCK_TILE * (tiles or plan[0])
 
 
 def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None, tiles: int | None = None,
-                     splits: int | None = None, tiled: bool = False) -> torch.Tensor:
-    """``x [T, K] -> [T, sum N]``: sibling layers in one launch of codebook_mma.cu (each must be
-    :func:`codebook_mma_eligible`, the group :func:`grouped_eligible` for :func:`mma_rows_per_block` rows)."""
+                     splits: int | None = None, tiled: bool = False, psumbook: bool | None = None) -> torch.Tensor:
+    """``x [T, K] -> [T, sum N]``: sibling layers in one launch of codebook_mma.cu, or of psumbook_mma.cu where
+    :func:`psumbook_mma_chosen` (``psumbook`` forces the choice; True needs a call that :func:`psumbook_mma_fits`). Each layer must be
+    :func:`codebook_mma_eligible`, the group :func:`grouped_eligible` for :func:`mma_rows_per_block` rows."""
     tokens, k = x.shape
     codebooks = layers[0][1]
     n = sum(_rows(layers, tiled))
     _, _, m, groups = layer_geometry(*layers[0], tiled)
     v = codebooks.shape[2]
-    default_tiles, default_splits = plan_mma(tokens, n, k, x.device)
-    tiles = tiles or default_tiles
+    if psumbook is None:
+        psumbook = psumbook_mma_chosen(x, codebooks, tiled)
     chunks = k // MMA_CHUNK_INPUTS
-    splits = max(splits or default_splits, _min_mma_splits(chunks, tokens))  # x must fit on chip
+    if psumbook:
+        entry, kernel = "codegemm_psumbook_mma", "Psumbook mma"
+        default_tiles, default_splits = plan_psumbook_mma(n, k, x.device)
+        least_splits = -(-chunks // PSUMBOOK_MMA_MAX_CHUNKS)
+    else:
+        entry, kernel = "codegemm_codebook_mma", "codebook mma"
+        default_tiles, default_splits = plan_mma(tokens, n, k, x.device)
+        least_splits = _min_mma_splits(chunks, tokens)
+    tiles = tiles or default_tiles
+    splits = max(splits or default_splits, least_splits)  # x must fit on chip
     per_split = -(-chunks // splits)
     used = -(-chunks // per_split)
     out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
     partial = _partials(used, tokens, n, x)
     chunks_per_group = chunks if groups == 1 else chunks // groups
-    _launch("codegemm_codebook_mma", x, (
+    _launch(entry, x, (
         m, v, tiles, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers, tiled)), _ptr(bias), out.data_ptr(),
-        _ptr(partial), n, chunks, groups, chunks_per_group, splits), "codebook mma")
+        _ptr(partial), n, chunks, groups, chunks_per_group, splits), kernel)
     return out
 
 
