@@ -5,6 +5,7 @@
 #   STEPS="gen-tests gen-cli decode decode70b" bash scripts/gpu_check.sh   # generation tests, CLI, decode benchmarks
 #   STEPS=quant-best bash scripts/gpu_check.sh   # the quantizer's best preset timed on the GPU
 #   STEPS=profile bash scripts/gpu_check.sh      # Nsight Compute: one-token Psumbook, stalls per SASS instruction
+#     (TOKENS=4 PROFILE_KERNEL=psumbook_mma_kernel: the four-token Psumbook of psumbook_mma.cu)
 # Wheels in .whl/ (e.g. aqlm, for the benchmark's peer kernels) are installed to /tmp/site first.
 # Logs and JSON go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
@@ -26,7 +27,7 @@ for step in $STEPS; do
   tests)
     echo "== GPU tests"
     python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu_kernels.py tests/test_grouped_gpu.py tests/test_tiled_gpu.py \
-      tests/test_triton_kernels.py \
+      tests/test_psumbook_mma_gpu.py tests/test_triton_kernels.py \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30 || status=1
     ;;
   memcheck)
@@ -61,6 +62,18 @@ for sizes, k in [((2048, 1024, 1024), 1024), ((1024, 256, 256), 512), ((3072, 20
         grouped_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16), layers, None, cfg)
         grouped_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16),
                        [(tile_codes(c), b, tile_scales(s)) for c, b, s in layers], None, cfg, tiled=True)
+from codegemm.layout import tile_tables
+from codegemm.ops.cuda import codebook_mma_cuda
+for name, n, k in [("m1v4g128", 1100, 640), ("m2v8", 77, 384)]:  # psumbook_mma.cu on every plan, m1v4 included
+    cfg = CodebookConfig.from_name(name)
+    tables = tile_tables(torch.randint(0, 256, (n, k // cfg.vec_len, cfg.num_codebooks), device="cuda",
+                                       dtype=torch.int32).to(torch.uint8),
+                         torch.randn(cfg.num_codebooks, 256, cfg.vec_len, device="cuda").half(),
+                         torch.rand(n, cfg.num_groups(k), device="cuda").half())
+    for tokens in (1, 4):
+        for tiles, splits in [(1, 1), (2, 2), (4, 1), (4, 5)]:
+            codebook_mma_cuda(torch.randn(tokens, k, device="cuda", dtype=torch.float16), *tables, None, tiles, splits,
+                              tiled=True, psumbook=True)
 torch.cuda.synchronize()
 print("memcheck sweep ran")
 PY
@@ -80,7 +93,7 @@ PY
     ;;
   profile)
     echo "== Nsight Compute: one-token Psumbook on 8192x57344 and 4096x28672 (PROFILE_SKIP / PROFILE_COUNT pick launches)"
-    ncu --clock-control none --kernel-name regex:psumbook_kernel --launch-skip "${PROFILE_SKIP:-3}" \
+    ncu --clock-control none --kernel-name "regex:${PROFILE_KERNEL:-psumbook_kernel}" --launch-skip "${PROFILE_SKIP:-3}" \
       --launch-count "${PROFILE_COUNT:-2}" --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
       --section Occupancy --section MemoryWorkloadAnalysis --section SourceCounters --import-source no \
       -o "$OUT/psumbook" -f python3 scripts/profile_psumbook.py > "$OUT/profile_run.log" 2>&1 || status=1

@@ -1,10 +1,12 @@
-"""A/B of builds of the tensor-core kernel (codebook_mma.cu) at 2-16 tokens: prebuilt libraries, one process, one GPU.
+"""A/B of the 2-16-token kernels (codebook_mma.cu, psumbook_mma.cu): prebuilt libraries and plans, one process, one GPU.
 
 Usage (device machine): python3 scripts/mma_ab.py NAME=LIB.so [NAME=LIB.so ...]
 Build a library of the tree with `CODEGEMM_CUDA_CACHE=DIR python3 -c "from codegemm.ops.cuda import build;
-build('sm_90')"` (or of an older checkout) and carry it. Each library is checked against the float64 reference
-(tails, both dtypes) and for run-to-run equality, then timed on the Llama-3 decoder-block shapes in the tiled
-layout beside fp16 cuBLAS, with the plan the dispatcher would pick. Env: TOKENS (default 2,4,8,16), CFGS.
+build('sm_90')"` (or of an older checkout) and carry it. Each library and variant is checked against the float64
+reference (tails, both dtypes) and for run-to-run equality, then timed on the Llama-3 decoder-block shapes in the
+tiled layout beside fp16 cuBLAS. Env: TOKENS (default 2,4,8,16), CFGS, VARIANTS (comma-separated; default "auto"):
+"auto" is the dispatcher's choice, "mma" forces codebook_mma.cu, "pmma" psumbook_mma.cu (fp16, <= 4 tokens), with
+optional suffixes "-tN" (N 16-row tiles per warp) and "-sF" (F times the planned splits, e.g. -s2, -s0.5).
 """
 import functools
 import os
@@ -25,6 +27,25 @@ libs = {arg.split("=", 1)[0]: cu.bind_library(arg.split("=", 1)[1]) for arg in s
 gen = torch.Generator(device=dev).manual_seed(0)
 tokens_list = [int(t) for t in os.environ.get("TOKENS", "2,4,8,16").split(",")]
 cfgs = os.environ.get("CFGS", "m2v8g128,m1v4g128").split(",")
+variants = os.environ.get("VARIANTS", "auto").split(",")
+
+
+def variant_call(variant: str, x: torch.Tensor, layer: tuple) -> functools.partial | None:
+    """The kernel call a variant names, or None where it does not apply (psumbook_mma.cu: fp16, <= 4 tokens)."""
+    kernel, *opts = variant.split("-")
+    psumbook = {"auto": None, "mma": False, "pmma": True}[kernel]
+    if psumbook and not cu.psumbook_mma_fits(x, True):
+        return None
+    tiles = next((int(o[1:]) for o in opts if o.startswith("t")), None)
+    factor = next((float(o[1:]) for o in opts if o.startswith("s")), 1.0)
+    splits = None
+    if factor != 1.0:
+        n = sum(cu.layer_geometry(*layer, True)[0] for layer in [layer])
+        fits = cu.psumbook_mma_chosen(x, layer[1], True) if psumbook is None else psumbook
+        plan = cu.plan_psumbook_mma(n, x.shape[1], x.device) if fits else cu.plan_mma(x.shape[0], n, x.shape[1], x.device)
+        splits = max(1, round(plan[1] * factor))
+    return functools.partial(cu.codebook_mma_cuda, x, *layer, None, tiles=tiles, splits=splits, tiled=True,
+                             psumbook=psumbook)
 
 
 def use(lib):
@@ -38,17 +59,20 @@ for name, lib in libs.items():
         for n, k in [(3000, 2048), (77, 512), (1000, 1536)]:
             layer = random_layer_tensors(cfg, n, k, dev, torch.float16, gen)
             laid = tile_tables(*layer)
-            for t in (1, 2, 5, 9, 16):
+            for t in (1, 2, 3, 4, 5, 9, 16):
                 for dt in (torch.float16, torch.bfloat16):
                     x = torch.randn(t, k, device=dev, dtype=dt)
                     ref = reference.dense_matmul(x, *layer, None, torch.float64)
-                    got = cu.codebook_mma_cuda(x, *laid, None, tiled=True)
-                    again = cu.codebook_mma_cuda(x, *laid, None, tiled=True)
-                    err = float((got.double() - ref).norm() / ref.norm())
-                    if dt == torch.float16:
-                        worst = max(worst, err)
-                    if not err < (1e-3 if dt == torch.float16 else 8e-3) or not torch.equal(got, again):
-                        print("BAD", name, cfg, n, k, t, dt, err, flush=True)
+                    for variant in variants:
+                        call = variant_call(variant, x, laid)
+                        if call is None:
+                            continue
+                        got, again = call(), call()
+                        err = float((got.double() - ref).norm() / ref.norm())
+                        if dt == torch.float16:
+                            worst = max(worst, err)
+                        if not err < (1e-3 if dt == torch.float16 else 8e-3) or not torch.equal(got, again):
+                            print("BAD", name, variant, cfg, n, k, t, dt, err, flush=True)
     print("checked", name, "worst fp16 rel err", f"{worst:.2e}", flush=True)
 
 shapes = {"8B": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
@@ -68,10 +92,14 @@ for model, block in shapes.items():
             for name, lib in libs.items():
                 use(lib)
                 for t in tokens_list:
-                    calls = [functools.partial(cu.codebook_mma_cuda, xs[t], *layer, None, tiled=True) for layer in layers]
-                    us = time_calls(calls).median_us
-                    sums[(model, t, f"{cfg}:{name}")] = sums.get((model, t, f"{cfg}:{name}"), 0.0) + us
-                    print(f"  {k}x{n} {cfg} {name} t={t} {us:.1f}", flush=True)
+                    for variant in variants:
+                        calls = [variant_call(variant, xs[t], layer) for layer in layers]
+                        if calls[0] is None:
+                            continue
+                        us = time_calls(calls).median_us
+                        key = (model, t, f"{cfg}:{name}:{variant}")
+                        sums[key] = sums.get(key, 0.0) + us
+                        print(f"  {k}x{n} {cfg} {name} {variant} t={t} {us:.1f}", flush=True)
             del layers
             torch.cuda.empty_cache()
 print()

@@ -5,7 +5,8 @@
 
 profiles the third launch, the 8192x57344 layer (Llama-3-70B gate_up). Needs PYTHONPATH=. and a GPU.
 The tables are in the tiled layout that models on a GPU hold (docs/KERNELS.md v11); ``ROWS=1`` profiles the
-row-major layout instead.
+row-major layout instead. ``TOKENS=4`` runs four tokens through psumbook_mma.cu instead (``--kernel-name
+regex:psumbook_mma_kernel``; ``TILES`` picks its 16-row tiles per warp).
 """
 import os
 
@@ -14,14 +15,19 @@ from codegemm.layout import tile_codes, tile_scales
 from codegemm.random_model import random_layer_tensors
 from codegemm.ops import cuda as cu
 tiled = os.environ.get("ROWS", "0") in ("", "0")
+tokens = int(os.environ.get("TOKENS", "1"))
+tiles = int(os.environ.get("TILES", "0")) or None
 dev = torch.device("cuda")
 gen = torch.Generator(device=dev).manual_seed(0)
 for k, n in [(8192, 57344), (4096, 28672)]:
     codes, cb, s = random_layer_tensors("m2v8g128", n, k, dev, torch.float16, gen)
     if tiled:
         codes, s = tile_codes(codes), tile_scales(s)
-    x = torch.randn(1, k, device=dev, dtype=torch.float16)
+    x = torch.randn(tokens, k, device=dev, dtype=torch.float16)
     for _ in range(4):
-        cu.psumbook_matmul_cuda(x, codes, cb, s, None, tiled=tiled)
+        if tokens == 1:
+            cu.psumbook_matmul_cuda(x, codes, cb, s, None, tiled=tiled)
+        else:
+            cu.codebook_mma_cuda(x, codes, cb, s, None, tiles=tiles, tiled=tiled, psumbook=True)
     torch.cuda.synchronize()
 print("done")
