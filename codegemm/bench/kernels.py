@@ -109,6 +109,16 @@ def _layouts(layers: list, config: CodebookConfig, k: int, rows_too: bool) -> li
     return [("", tiled, True)] + ([("-rows", layers, False)] if rows_too else [])
 
 
+def _impl_label(kernel: str, x: torch.Tensor, codebooks: torch.Tensor, tiled: bool) -> str:
+    """The kernel that ran: the tensor-core op hands tiled 2-4-token fp16 m2v8 calls to psumbook_mma.cu."""
+    if kernel == "cuda_codebook_mma" and tiled:
+        from codegemm.ops.cuda import psumbook_mma_chosen
+
+        if psumbook_mma_chosen(x, codebooks, tiled):
+            kernel = "cuda_psumbook_mma"
+    return kernel + (" (tiled)" if tiled else "")
+
+
 def _quantized_bytes(config: CodebookConfig, n: int, k: int) -> float:
     """Bytes a call must read of one layer: codes, fp16 group scales and fp16 codebooks."""
     return (n * (k // config.vec_len) * config.num_codebooks * (config.nbits / 8) + n * config.num_groups(k) * 2
@@ -193,7 +203,7 @@ def _bench_shape(model, layer, k, n, tokens_list, configs, dtype, aqlm, args, ba
                          for c, cb, s in timed]
                 t = time_calls(calls, replays=args.replays)
                 row = Row(model, layer, k, n, tokens, f"codegemm-{name}{suffix}", t.median_us, t.p20_us, t.p80_us,
-                          int(q_bytes) + act_bytes(tokens), copies, impl=spec.name + (" (tiled)" if tiled else ""))
+                          int(q_bytes) + act_bytes(tokens), copies, impl=_impl_label(spec.name, x, timed[0][1], tiled))
                 if ref is not None:
                     row.rel_err = _rel_err(codebook_matmul(x, *timed[0], None, config, tiled=tiled), ref)
                 rows.append(row)
