@@ -117,9 +117,10 @@ def test_tile_for_gpu_tiles_what_the_cuda_kernels_read():
     assert tile_for_gpu(other) == 0
 
 
-def test_compiled_graph_of_tiled_layers():
+@pytest.mark.parametrize("tokens", [1, 3])  # 3: psumbook_mma.cu
+def test_compiled_graph_of_tiled_layers(tokens):
     config = CodebookConfig.from_name("m2v8g128")
     up = CodeGEMMLinear.from_unpacked(*_layer(config, 2048, 512, seed=1), config=config).tile_()
     down = CodeGEMMLinear.from_unpacked(*_layer(config, 512, 2048, seed=2), config=config).tile_()
     model = torch.nn.Sequential(up, torch.nn.SiLU(), down).eval()
-    assert_compiled_graph_matches_eager(model, torch.randn(1, 512, device=DEVICE, dtype=torch.float16))
+    assert_compiled_graph_matches_eager(model, torch.randn(tokens, 512, device=DEVICE, dtype=torch.float16))
