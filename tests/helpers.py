@@ -97,3 +97,16 @@ def sweep_config(name: str, k: int) -> CodebookConfig:
     if k % (config.group_size or k):
         pytest.skip("group does not divide K")
     return config
+
+
+def seeded_cuda_layer(config: CodebookConfig, n: int, k: int, seed: int = 0, centroid_scale: float = 1.0,
+                      scale: float = 0.02) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random 8-bit-code layer ``(codes, codebooks, scales)`` on the GPU, reproducible from ``seed``."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k // config.vec_len, config.num_codebooks), device=device, generator=gen,
+                          dtype=torch.int32).to(torch.uint8)
+    codebooks = (torch.randn(config.num_codebooks, 256, config.vec_len, device=device, generator=gen)
+                 * centroid_scale).half()
+    scales = (0.5 + torch.rand(n, config.num_groups(k), device=device, generator=gen)).mul_(scale).half()
+    return codes, codebooks, scales

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CUDA_SWEEP_CONFIGS, CUDA_SWEEP_SHAPES, rel_error, sweep_config
+from helpers import CUDA_SWEEP_CONFIGS, CUDA_SWEEP_SHAPES, rel_error, seeded_cuda_layer, sweep_config
 
 from codegemm import CodebookConfig, reference
 from codegemm.layout import tile_tables
@@ -19,15 +19,7 @@ DEVICE = torch.device("cuda")
 BENCH_SHAPES = sorted({(s.in_features, s.out_features) for m in ("llama3-8b", "llama3-70b") for s in DECODER_BLOCKS[m]})
 
 
-def _layer(config: CodebookConfig, n: int, k: int, seed: int = 0, centroid_scale: float = 1.0,
-           scale: float = 0.02):
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    codes = torch.randint(0, 256, (n, k // config.vec_len, config.num_codebooks), device=DEVICE, generator=gen,
-                          dtype=torch.int32).to(torch.uint8)
-    codebooks = (torch.randn(config.num_codebooks, 256, config.vec_len, device=DEVICE, generator=gen)
-                 * centroid_scale).half()
-    scales = (0.5 + torch.rand(n, config.num_groups(k), device=DEVICE, generator=gen)).mul_(scale).half()
-    return codes, codebooks, scales
+_layer = seeded_cuda_layer
 
 
 @pytest.mark.parametrize("name", CUDA_SWEEP_CONFIGS)

@@ -13,6 +13,7 @@ from helpers import (
     CUDA_SWEEP_SHAPES,
     assert_compiled_graph_matches_eager,
     rel_error,
+    seeded_cuda_layer,
     sweep_config,
     tiny_llama_config,
 )
@@ -38,13 +39,7 @@ pytestmark = pytest.mark.gpu
 DEVICE = torch.device("cuda")
 
 
-def _layer(config: CodebookConfig, n: int, k: int, seed: int = 0):
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    codes = torch.randint(0, 256, (n, k // config.vec_len, config.num_codebooks), device=DEVICE, generator=gen,
-                          dtype=torch.int32).to(torch.uint8)
-    codebooks = torch.randn(config.num_codebooks, 256, config.vec_len, device=DEVICE, generator=gen).half()
-    scales = (0.5 + torch.rand(n, config.num_groups(k), device=DEVICE, generator=gen)).mul_(0.02).half()
-    return codes, codebooks, scales
+_layer = seeded_cuda_layer
 
 
 @pytest.mark.parametrize("name", CUDA_SWEEP_CONFIGS)
