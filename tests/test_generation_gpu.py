@@ -143,3 +143,15 @@ def test_sliding_window_model_matches_generate(new_tokens, decode_attention):
         ref = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
     assert torch.equal(out.sequences, ref)
     assert bool(gen._state.graphs) == gen.decode_attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,vocab", [(1, 128256), (4, 262144), (16, 151936)])
+def test_greedy_tokens_is_argmax_on_gpu(dtype, batch, vocab):
+    """The CUDA reductions behind the two-stage argmax pick the first of equal maxima too."""
+    from codegemm.generation import greedy_tokens
+
+    gen = torch.Generator().manual_seed(vocab + batch)
+    logits = torch.randint(-200, 3, (batch, vocab), generator=gen).to(dtype).cuda()
+    logits[0] = torch.randn(vocab, generator=gen).to(dtype).cuda()
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))

@@ -6,7 +6,7 @@ CUDA and CPU.
 """
 
 from codegemm.generation.loop import DEFAULT_MAX_BATCH_SIZE, FastGenerator, GenerationOutput
-from codegemm.generation.sampling import SamplingParams, filter_logits, select_next
+from codegemm.generation.sampling import SamplingParams, filter_logits, greedy_tokens, select_next
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
@@ -14,5 +14,6 @@ __all__ = [
     "GenerationOutput",
     "SamplingParams",
     "filter_logits",
+    "greedy_tokens",
     "select_next",
 ]
