@@ -55,6 +55,7 @@ def profile_decode(gen: FastGenerator, prompt: torch.Tensor, steps: int = 32) ->
         torch.cuda.synchronize()
     wall_us = start.elapsed_time(end) * 1e3 / steps
     kernels: dict[str, float] = {}
+    calls: dict[str, int] = {}
     launches = 0
     for event in prof.key_averages():
         if getattr(event, "device_type", None) != DeviceType.CUDA:
@@ -62,20 +63,24 @@ def profile_decode(gen: FastGenerator, prompt: torch.Tensor, steps: int = 32) ->
         us = _device_time_us(event)
         if us > 0:
             kernels[event.key] = kernels.get(event.key, 0.0) + us / steps
+            calls[event.key] = calls.get(event.key, 0) + int(getattr(event, "count", 0))
             launches += int(getattr(event, "count", 0))
     by_category: dict[str, float] = {}
     for name, us in kernels.items():
         label = categorize(name)
         by_category[label] = by_category.get(label, 0.0) + us
     busy = sum(kernels.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
     return {
         "steps": steps,
         "step_us": wall_us,
         "kernel_us": busy,
         "gap_us": max(0.0, wall_us - busy),
         "by_category_us": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
-        "top_kernels_us": [{"name": name[:120], "us": us, "category": categorize(name)} for name, us in top],
+        "top_kernels_us": [
+            {"name": name[:120], "us": us, "calls_per_step": calls[name] / steps, "category": categorize(name)}
+            for name, us in ranked
+        ],
         "kernels_per_step": launches / steps,
     }
 
@@ -88,6 +93,7 @@ def format_profile(backend: str, batch: int, report: dict) -> str:
     lines = [head]
     for label, us in report["by_category_us"].items():
         lines.append(f"  {label:<28} {us:>8.1f} us  {us / report['step_us']:>6.1%}")
-    for item in report["top_kernels_us"][:6]:
-        lines.append(f"    {item['us']:>8.1f} us  {item['name'][:90]}")
+    for item in report["top_kernels_us"]:
+        per_call = item["us"] / max(item.get("calls_per_step", 1), 1e-9)
+        lines.append(f"    {item['us']:>8.1f} us  {item.get('calls_per_step', 0):>5.0f} x {per_call:>6.2f} us  {item['name'][:90]}")
     return "\n".join(lines)
