@@ -13,7 +13,7 @@ from codegemm.bench.archs import architecture_config, architecture_fields
 from codegemm.bench.models import parse_backends
 from codegemm.cli.main import main
 from codegemm.errors import ConfigError, DTypeError, RangeError, ShapeError
-from codegemm.generation import FastGenerator, SamplingParams, filter_logits, select_next
+from codegemm.generation import FastGenerator, SamplingParams, filter_logits, greedy_tokens, select_next
 from codegemm.nn import CodeGEMMLinear
 from codegemm.random_model import build_random_quantized_model
 
@@ -62,6 +62,16 @@ def test_greedy_matches_transformers_generate(model, generator, batch, prompt_le
     assert torch.equal(out.sequences, _hf_greedy(model, ids, 24))
     assert len(out.step_s) == 23 and all(t > 0 for t in out.step_s)
     assert out.prefill_s > 0
+
+
+def test_layers_share_one_write_position(model, generator):
+    """After a request every cache layer holds one counter object equal to the tokens written (one add per step)."""
+    ids = _prompt(2, 9, seed=3)
+    out = generator.generate(ids, 10)
+    assert torch.equal(out.sequences, _hf_greedy(model, ids, 10))
+    layers = generator._state.cache.layers
+    assert len({id(layer.cumulative_length) for layer in layers}) == 1
+    assert int(layers[0].cumulative_length) == 9 + 10 - 1  # the last token is returned, not yet fed back
 
 
 def test_generator_reuses_cache_across_calls(model, generator):
@@ -148,6 +158,17 @@ def test_filter_logits_top_k_and_top_p():
 def test_select_next_greedy_is_argmax():
     logits = torch.randn(4, 30)
     assert torch.equal(select_next(logits, SamplingParams(), None), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [30, 4099, 5000, 128256, 262144])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_tokens_is_argmax_with_ties(vocab, dtype):
+    """The two-stage reduction returns argmax's index, the first of equal maxima, also across slices."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-50, 8, (3, vocab), generator=gen).to(dtype)  # the maximum repeats many times
+    logits[2] = torch.randn(vocab, generator=gen).to(dtype)
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert torch.equal(greedy_tokens(logits[:, None, :]), logits[:, None, :].argmax(-1))
 
 
 @pytest.mark.parametrize("decode_attention", [None, True])

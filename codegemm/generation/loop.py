@@ -24,8 +24,14 @@ from torch import nn
 
 from codegemm.errors import ConfigError, DTypeError, RangeError, ShapeError, UnsupportedError
 from codegemm.generation.attention import decode_attention_enabled, supports_decode_attention
-from codegemm.generation.cache import forward_parameters, make_static_cache, replay_safe, text_config
-from codegemm.generation.sampling import SamplingParams, select_next
+from codegemm.generation.cache import (
+    forward_parameters,
+    make_static_cache,
+    replay_safe,
+    share_write_position,
+    text_config,
+)
+from codegemm.generation.sampling import SamplingParams, greedy_tokens, select_next
 from codegemm.siblings import fuse_siblings
 from codegemm.tiling import tile_for_gpu
 
@@ -36,6 +42,12 @@ DEFAULT_MAX_BATCH_SIZE = 64
 
 CACHE_LEN_MULTIPLE = 256
 """Cache lengths are rounded up to this, so nearby requests reuse one cache and one captured graph."""
+
+COMPILE_OPTIONS_CUDA = {"combo_kernels": True, "triton.multi_kernel": 1}
+"""Inductor options of the compiled step on CUDA (H100, Llama-3-8B, batch 1, 2026-11-21). Combo kernels fuse
+independent small kernels horizontally (q and k rotary with the cache write): 2.33 -> 2.20 ms per step.
+Multi-kernel lets the RMSNorm reductions over 4096+ features run as persistent kernels where that measures
+faster at the first call: 2.16 -> 2.13 ms."""
 
 COMPILE_WARMUP_CALLS = 2
 """Calls of the compiled step before capture: the first compiles, the second checks nothing recompiles."""
@@ -178,7 +190,10 @@ class FastGenerator:
         self._takes_cache_position = "cache_position" in params
         self._takes_position_ids = "position_ids" in params
         self._keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
-        self._step = torch.compile(_private_step_function(), dynamic=False) if self.compile else _decode_forward
+        options = COMPILE_OPTIONS_CUDA if on_cuda else None
+        self._step = (
+            torch.compile(_private_step_function(), dynamic=False, options=options) if self.compile else _decode_forward
+        )
         self._state: _DecodeState | None = None
         self._last_len = 0  # tokens in the cache after the last generate()
 
@@ -251,6 +266,7 @@ class FastGenerator:
             tokens=torch.zeros(batch, cache_len, dtype=torch.long, device=dev),
             count=torch.zeros(1, dtype=torch.long, device=dev),
         )
+        share_write_position(st.cache)
         self._state = st
         return st
 
@@ -280,7 +296,7 @@ class FastGenerator:
         with self._attention():
             logits = step(self.model, self._step_kwargs(st))
         if greedy:
-            self._advance(st, logits.argmax(dim=-1))
+            self._advance(st, greedy_tokens(logits))
         return logits
 
     def _capture(self, st: _DecodeState, greedy: bool) -> None:
