@@ -43,11 +43,12 @@ DEFAULT_MAX_BATCH_SIZE = 64
 CACHE_LEN_MULTIPLE = 256
 """Cache lengths are rounded up to this, so nearby requests reuse one cache and one captured graph."""
 
-COMPILE_OPTIONS_CUDA = {"combo_kernels": True, "triton.multi_kernel": 1}
-"""Inductor options of the compiled step on CUDA (H100, Llama-3-8B, batch 1, 2026-11-21). Combo kernels fuse
-independent small kernels horizontally (q and k rotary with the cache write): 2.33 -> 2.20 ms per step.
-Multi-kernel lets the RMSNorm reductions over 4096+ features run as persistent kernels where that measures
-faster at the first call: 2.16 -> 2.13 ms."""
+COMPILE_OPTIONS_CUDA = {"combo_kernels": True}
+"""Inductor options of the compiled step on CUDA. Combo kernels fuse independent small kernels horizontally (q
+and k rotary with the cache write): Llama-3-8B at batch 1 went from 2.33 to 2.20 ms per step (H100, 2026-11-21).
+``triton.multi_kernel`` (persistent RMSNorm reductions, another -0.03 ms there) is left off: with torch 2.11 /
+Triton 3.6 it fails to compile some steps (fp32 models: "'NoneType' object does not support the context manager
+protocol" in Triton's ``cache_key``)."""
 
 COMPILE_WARMUP_CALLS = 2
 """Calls of the compiled step before capture: the first compiles, the second checks nothing recompiles."""
