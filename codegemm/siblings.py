@@ -16,6 +16,7 @@ eagerly, under ``torch.compile(fullgraph=True)`` and in captured CUDA graphs.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -23,11 +24,15 @@ from torch import nn
 
 from codegemm.errors import ConfigError
 from codegemm.nn import CodeGEMMLinear
-from codegemm.ops.cuda import SEGMENT_ROW_MULTIPLE
-from codegemm.ops.dispatch import grouped_matmul
+from codegemm.ops.cuda import GATE_ACTS, SEGMENT_ROW_MULTIPLE
+from codegemm.ops.dispatch import gated_matmul, grouped_matmul
 
 SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Child names of one parent module that read the same input in decoder-only transformers models."""
+
+GATED_MLP_FORWARD = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+"""The gated MLP of transformers' Llama-family models (Llama, Mistral, Qwen2/3, Gemma 1-3 ...), whitespace removed:
+parents whose ``forward`` computes this get the activation fused into the gate/up launch."""
 
 MAX_SIBLINGS = 4
 """Layers one grouped launch serves (``MAX_SEGMENTS`` of the CUDA kernels)."""
@@ -87,13 +92,66 @@ class SiblingGroup:
         return outs[index]
 
 
-def _find_groups(model: nn.Module, names: Iterable[Sequence[str]]) -> list[list[CodeGEMMLinear]]:
+    def gated(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
+        """``act(gate(x)) * up(x)`` for the group ``[gate, up]`` in one launch, the activation applied in its
+        split-K reduce; None when that does not fit the call (training, CPU, prefill, offloaded weights)."""
+        gate, up = self.members
+        if x.shape[-1] != gate.in_features or gate._needs_grad(x) or up._needs_grad(x):
+            return None
+        if gate.tiled != up.tiled or any(layer.codes.device != x.device for layer in self.members):
+            return None
+        layers = [(layer.codes, layer.codebooks, layer.scales) for layer in self.members]
+        out = gated_matmul(x.reshape(-1, gate.in_features), layers, self._bias(), gate.config, act, gate.backend,
+                           gate.tiled)
+        return None if out is None else out.reshape(*x.shape[:-1], gate.out_features)
+
+
+def gated_activation(parent: nn.Module) -> str | None:
+    """Which of :data:`codegemm.ops.cuda.GATE_ACTS` a gated MLP ``parent`` applies to its gate: its ``forward`` must
+    be :data:`GATED_MLP_FORWARD` and its ``act_fn`` must compute that activation (probed, whatever its class)."""
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return None
+    act_fn = getattr(parent, "act_fn", None)
+    if GATED_MLP_FORWARD not in "".join(source.split()) or not callable(act_fn):
+        return None
+    probe = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
+    try:
+        got = act_fn(probe)
+    except Exception:  # noqa: BLE001 - an activation that cannot take a float64 CPU tensor is not one we know
+        return None
+    known = {"silu": torch.nn.functional.silu(probe),
+             "gelu_tanh": torch.nn.functional.gelu(probe, approximate="tanh")}
+    for name, expected in known.items():
+        if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(got, expected, 1e-6, 1e-9):
+            return name
+    return None
+
+
+def _fuse_gated_mlp(parent: nn.Module, group: SiblingGroup, act: str) -> None:
+    """Give ``parent`` (a :data:`GATED_MLP_FORWARD` module) a forward that runs gate, up and the activation as
+    one launch where it fits, and its own forward otherwise."""
+    assert act in GATE_ACTS
+    own_forward = type(parent).forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        hidden = group.gated(x, act)
+        if hidden is None:
+            return own_forward(parent, x)
+        return parent.down_proj(hidden)
+
+    parent.forward = forward
+    parent._codegemm_gated = True
+
+
+def _find_groups(model: nn.Module, names: Iterable[Sequence[str]]) -> list[tuple[nn.Module, list[CodeGEMMLinear]]]:
     found = []
     for parent in model.modules():
         for group in names:
             members = [getattr(parent, name, None) for name in group]
             if all(isinstance(m, CodeGEMMLinear) for m in members):
-                found.append(members)
+                found.append((parent, members))
     return found
 
 
@@ -112,7 +170,7 @@ def fuse_siblings(model: nn.Module, names: Iterable[Sequence[str]] = SIBLING_NAM
     """
     row_multiple = SEGMENT_ROW_MULTIPLE if row_multiple is None else row_multiple
     made = 0
-    for members in _find_groups(model, names):
+    for parent, members in _find_groups(model, names):
         if any(m._siblings is not None for m in members):
             continue
         if any(m.out_features % row_multiple for m in members[:-1]):
@@ -123,6 +181,10 @@ def fuse_siblings(model: nn.Module, names: Iterable[Sequence[str]] = SIBLING_NAM
             continue  # e.g. different K or config: they run alone
         for index, layer in enumerate(members):
             layer._siblings, layer._sibling_index = group, index
+        gated = len(members) == 2 and isinstance(getattr(parent, "down_proj", None), nn.Module)
+        act = gated_activation(parent) if gated else None
+        if act is not None and members[0].out_features == members[1].out_features:
+            _fuse_gated_mlp(parent, group, act)
         made += 1
     return made
 
@@ -132,3 +194,5 @@ def unfuse_siblings(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, CodeGEMMLinear):
             module._siblings, module._sibling_index = None, 0
+        if module.__dict__.pop("_codegemm_gated", False):
+            del module.forward

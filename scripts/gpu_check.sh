@@ -27,7 +27,7 @@ for step in $STEPS; do
   tests)
     echo "== GPU tests"
     python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu_kernels.py tests/test_grouped_gpu.py tests/test_tiled_gpu.py \
-      tests/test_psumbook_mma_gpu.py tests/test_triton_kernels.py \
+      tests/test_psumbook_mma_gpu.py tests/test_gated_gpu.py tests/test_triton_kernels.py \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30 || status=1
     ;;
   memcheck)
@@ -62,6 +62,16 @@ for sizes, k in [((2048, 1024, 1024), 1024), ((1024, 256, 256), 512), ((3072, 20
         grouped_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16), layers, None, cfg)
         grouped_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16),
                        [(tile_codes(c), b, tile_scales(s)) for c, b, s in layers], None, cfg, tiled=True)
+from codegemm.ops.dispatch import gated_matmul  # gate/up with the activation in the reduce, every kernel family
+for n, k in [(1024, 512), (2048, 256)]:
+    pair = [(torch.randint(0, 256, (n, k // 8, 2), device="cuda", dtype=torch.int32).to(torch.uint8),
+             torch.randn(2, 256, 8, device="cuda").half(), torch.rand(n, k // 128, device="cuda").half()) for _ in "gu"]
+    for tokens in (1, 3, 9):
+        for dtype in (torch.float16, torch.bfloat16):
+            bias = torch.randn(2 * n, device="cuda", dtype=dtype) if tokens == 3 else None
+            gated_matmul(torch.randn(tokens, k, device="cuda", dtype=dtype), pair, bias, cfg, "silu")
+        gated_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16),
+                     [(tile_codes(c), b, tile_scales(s)) for c, b, s in pair], None, cfg, "gelu_tanh", tiled=True)
 from codegemm.layout import tile_tables
 from codegemm.ops.cuda import codebook_mma_cuda
 for name, n, k in [("m1v4g128", 1100, 640), ("m2v8", 77, 384)]:  # psumbook_mma.cu on every plan, m1v4 included

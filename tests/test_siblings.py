@@ -186,3 +186,90 @@ def test_sibling_offloaded_to_meta_runs_alone(grouped_calls):
     want = reference.psumbook_matmul(x, layers[0].codes, layers[0].codebooks, layers[0].scales, None, torch.float32)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert grouped_calls == []
+
+
+@pytest.fixture
+def gated_calls(monkeypatch, grouped_calls):
+    """The stand-in grouped kernel of ``grouped_calls`` with a fused gated form too; yields the gated call log."""
+    from codegemm.ops.custom_ops import gate
+    from codegemm.ops.cuda import GATE_ACTS
+
+    plain = dispatch._GROUPED_KERNELS[0]
+    calls: list[str] = []
+
+    def gated_fn(x, layers, bias, act, tiled=False):
+        calls.append(act)
+        return gate(plain.fn(x, layers, bias), GATE_ACTS[act])
+
+    register_grouped_kernel(KernelSpec("cpu_test", Backend.CPU, plain.supports, plain.fn, gated_fn=gated_fn))
+    return calls
+
+
+def test_gated_mlp_runs_gate_up_and_activation_as_one_call(gated_calls, grouped_calls):
+    model = _model(seed=9)
+    ids = torch.randint(0, 320, (2, 7))
+    with torch.no_grad():
+        separate = model(ids).logits
+        fuse_siblings(model)
+        fused = model(ids).logits
+    assert gated_calls == ["silu", "silu"]  # one per decoder layer
+    assert grouped_calls == [[64, 32, 32], [128, 128]] * 2  # the stand-in's gated form calls its grouped one
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    torch.testing.assert_close(compiled, fused, rtol=1e-5, atol=1e-5)
+    unfuse_siblings(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    gated_calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, separate, rtol=0, atol=0)
+    assert gated_calls == []
+
+
+def test_gated_mlp_keeps_autograd_on_the_unfused_path(gated_calls):
+    model = _model(seed=4)
+    fuse_siblings(model)
+    for layer in model.modules():
+        if isinstance(layer, CodeGEMMLinear):
+            layer.scales.requires_grad_(True)
+    model(torch.randint(0, 320, (1, 5))).logits.sum().backward()
+    assert gated_calls == []  # training needs gradients, which only the unfused layers give
+
+
+def test_gated_activation_is_recognised_by_what_it_computes():
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from codegemm.siblings import gated_activation
+
+    llama = LlamaMLP(tiny_llama_config(hidden_size=16, intermediate_size=32))
+    gemma = Gemma3MLP(Gemma3TextConfig(hidden_size=16, intermediate_size=32, hidden_activation="gelu_pytorch_tanh"))
+    assert gated_activation(llama) == "silu"
+    assert gated_activation(gemma) == "gelu_tanh"
+    llama.act_fn = torch.nn.ReLU()
+    assert gated_activation(llama) is None
+
+    class OtherMLP(torch.nn.Module):
+        act_fn = torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)))
+
+    assert gated_activation(OtherMLP()) is None
+
+
+def test_gated_op_rejects_bad_arguments_before_any_kernel():
+    from codegemm.ops.custom_ops import gated_cuda_mm
+
+    codes, codebooks, scales = _layer_tensors(16, 0)
+    codes = codes.to(torch.uint8)
+    x = torch.randn(1, 32)
+    with pytest.raises(ConfigError, match="act must be one of"):
+        gated_cuda_mm(x, [codes, codes], [codebooks, codebooks], [scales, scales], None, False, "relu")
+    with pytest.raises(ValueError, match="gate and the up layer"):
+        gated_cuda_mm(x, [codes], [codebooks], [scales], None, False, "silu")
+    small = _layer_tensors(8, 1)
+    with pytest.raises(ValueError, match="equal out_features"):
+        gated_cuda_mm(x, [codes, small[0].to(torch.uint8)], [codebooks, small[1]], [scales, small[2]], None, False,
+                      "silu")

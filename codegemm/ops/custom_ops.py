@@ -15,9 +15,10 @@ from typing import Callable, Optional
 
 import torch
 
-from codegemm.errors import DTypeError, ShapeError
+from codegemm.errors import ConfigError, DTypeError, ShapeError
 from codegemm.layout import as_rows
 from codegemm.ops.cuda import (
+    GATE_ACTS,
     MAX_TOKENS,
     MMA_MIN_TOKENS,
     codebook_mma_cuda,
@@ -146,9 +147,21 @@ codebook_mma_mm = _define("codebook_mma_mm", _codebook_mma_gpu, _UINT8,
                           "CUDA C++ codebook tensor-core kernel for 1-16 tokens; other calls go to the Psumbook kernels.")
 
 
-def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False):
+def gate(out: torch.Tensor, gate_act: int) -> torch.Tensor:
+    """``act(gate) * up`` of a gated MLP's outputs ``[T, 2H]`` (gate first) in fp32, rounded once to their dtype:
+    what the split-K reduce computes for ``gate_act`` (:data:`codegemm.ops.cuda.GATE_ACTS`)."""
+    gate_out, up = out.float().chunk(2, dim=1)
+    if gate_act == GATE_ACTS["silu"]:
+        act = torch.nn.functional.silu(gate_out)
+    else:
+        act = torch.nn.functional.gelu(gate_out, approximate="tanh")
+    return (act * up).to(out.dtype)
+
+
+def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False, gate_act=0):
     """Sibling layers in one launch of the CUDA kernel one of them alone would take; one launch per layer
-    (outputs concatenated) when the group does not fit it."""
+    (outputs concatenated) when the group does not fit it. ``gate_act``: the two layers of a gated MLP, whose
+    output ``[T, N / 2]`` the kernel's reduce (or, unfused, :func:`gate`) computes."""
     layers = list(zip(codes, codebooks, scales))
     tokens, k = x.shape
     rows = [layer_geometry(*layer, tiled)[0] for layer in layers]
@@ -160,14 +173,15 @@ def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False):
         pmma = psumbook_mma_chosen(x, codebooks[0], tiled)
         rows_per_block = mma_rows_per_block(tokens, n, k, x.device, psumbook=pmma)
         if grouped_eligible(x, layers, bias, rows_per_block, codebook_mma_eligible, tiled):
-            return grouped_mma_cuda(x, layers, bias, tiled=tiled)
+            return grouped_mma_cuda(x, layers, bias, tiled=tiled, gate_act=gate_act)
     else:
         rpt = psumbook_plan_rpt(tokens, None, n, num_vectors, m, x.device)
         if grouped_eligible(x, layers, bias, psumbook_rows_per_block(tokens, rpt), tiled=tiled):
-            return grouped_psumbook_cuda(x, layers, bias, tiled=tiled)
+            return grouped_psumbook_cuda(x, layers, bias, tiled=tiled, gate_act=gate_act)
     biases = [None] * len(layers) if bias is None else bias.split(rows)
     single = _codebook_mma_gpu if use_mma else _psumbook_gpu
-    return torch.cat([single(x, *layer, b, tiled) for layer, b in zip(layers, biases)], dim=1)
+    out = torch.cat([single(x, *layer, b, tiled) for layer, b in zip(layers, biases)], dim=1)
+    return gate(out, gate_act) if gate_act else out
 
 
 def _check_grouped_args(x, codes, codebooks, scales, bias, tiled=False) -> int:
@@ -200,3 +214,38 @@ def grouped_cuda_mm(
 @grouped_cuda_mm.register_fake
 def _grouped_fake(x, codes, codebooks, scales, bias=None, tiled=False):
     return x.new_empty(x.shape[0], _check_grouped_args(x, codes, codebooks, scales, bias, tiled))
+
+
+def _check_gated_args(x, codes, codebooks, scales, bias, tiled, act) -> int:
+    """Raise unless the lists are a gated MLP's gate and up layers (two, equal out_features) and ``act`` is known;
+    return out_features of one."""
+    if act not in GATE_ACTS:
+        raise ConfigError(f"act must be one of {sorted(GATE_ACTS)}; got {act!r}")
+    if len(codes) != 2:
+        raise ShapeError(f"codes, codebooks and scales must hold the gate and the up layer (2 each); got {len(codes)}")
+    n = _check_grouped_args(x, codes, codebooks, scales, bias, tiled)
+    if n % 2 or check_matmul_args(x, codes[0], codebooks[0], scales[0], None, _UINT8, tiled) != n // 2:
+        raise ShapeError(f"the gate and up layers must have equal out_features; got {n} rows in all")
+    return n // 2
+
+
+@torch.library.custom_op("codegemm::gated_cuda_mm", mutates_args=())
+def gated_cuda_mm(
+    x: torch.Tensor,
+    codes: list[torch.Tensor],
+    codebooks: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    bias: Optional[torch.Tensor] = None,
+    tiled: bool = False,
+    act: str = "silu",
+) -> torch.Tensor:
+    """A gated MLP's gate and up layers in one CUDA launch, the activation applied in its split-K reduce:
+    ``x [T, K] -> act(x @ gate.T) * (x @ up.T) [T, N]``, each product rounded to ``x``'s dtype first."""
+    _check_gated_args(x, codes, codebooks, scales, bias, tiled, act)
+    return _grouped_gpu(*_contiguous(x), *([t.contiguous() for t in ts] for ts in (codes, codebooks, scales)),
+                        *_contiguous(bias), tiled, GATE_ACTS[act])
+
+
+@gated_cuda_mm.register_fake
+def _gated_fake(x, codes, codebooks, scales, bias=None, tiled=False, act="silu"):
+    return x.new_empty(x.shape[0], _check_gated_args(x, codes, codebooks, scales, bias, tiled, act))

@@ -55,6 +55,9 @@ class KernelSpec:
     priority: int = 0
     takes_tiled: bool = False
     """Whether ``fn`` takes ``tiled=True`` tables (:mod:`codegemm.layout`); others get a row-major copy."""
+    gated_fn: Callable[..., torch.Tensor] | None = None
+    """Grouped kernels only: ``(x, [gate, up], bias, act, tiled=...)`` -> ``act(gate) * up`` fused (see
+    :func:`gated_matmul`); None when the kernel has no fused form."""
 
 
 _KERNELS: list[KernelSpec] = []
@@ -203,3 +206,21 @@ def grouped_matmul(
     if spec is None or (tiled and not spec.takes_tiled):
         return None
     return spec.fn(x, layers, bias, tiled=True) if tiled else spec.fn(x, layers, bias)
+
+
+def gated_matmul(
+    x: torch.Tensor,
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    bias: torch.Tensor | None,
+    config: CodebookConfig,
+    act: str,
+    backend: Backend | str = Backend.AUTO,
+    tiled: bool = False,
+) -> torch.Tensor | None:
+    """``act(x @ gate.T) * (x @ up.T)`` for a gated MLP's ``layers = [gate, up]`` in one launch whose split-K
+    reduce applies the activation (``act``: a key of :data:`codegemm.ops.cuda.GATE_ACTS`), or None when no grouped
+    kernel with a fused form fits: the caller then runs the layers and the activation as the model does."""
+    spec = select_grouped_kernel(x.device, config, x.shape[0], x.dtype, backend)
+    if spec is None or spec.gated_fn is None or (tiled and not spec.takes_tiled):
+        return None
+    return spec.gated_fn(x, layers, bias, act, tiled=tiled)

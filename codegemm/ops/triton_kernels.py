@@ -74,6 +74,11 @@ def _grouped_cuda(x, layers, bias, tiled=False):
     return custom_ops.grouped_cuda_mm(x, codes, codebooks, scales, bias, tiled)
 
 
+def _gated_cuda(x, layers, bias, act, tiled=False):
+    codes, codebooks, scales = (list(t) for t in zip(*layers))
+    return custom_ops.gated_cuda_mm(x, codes, codebooks, scales, bias, tiled, act)
+
+
 def _dequant(x, codes, codebooks, scales, bias):
     return custom_ops.dequant_mm(x, codes, codebooks, scales, bias)
 
@@ -172,5 +177,6 @@ register_grouped_kernel(
         _grouped_cuda,
         priority=40,
         takes_tiled=True,
+        gated_fn=_gated_cuda,
     )
 )

@@ -69,7 +69,12 @@ class _Segments(ctypes.Structure):
                 ("codes", ctypes.c_void_p * MAX_SEGMENTS), ("codebooks", ctypes.c_void_p * MAX_SEGMENTS),
                 ("scales", ctypes.c_void_p * MAX_SEGMENTS), ("code_row", ctypes.c_int * MAX_SEGMENTS),
                 ("code_chunk", ctypes.c_int * MAX_SEGMENTS), ("scale_row", ctypes.c_int * MAX_SEGMENTS),
-                ("scale_group", ctypes.c_int * MAX_SEGMENTS), ("code_xor", ctypes.c_int)]
+                ("scale_group", ctypes.c_int * MAX_SEGMENTS), ("code_xor", ctypes.c_int), ("gate_act", ctypes.c_int)]
+
+
+GATE_ACTS = {"silu": 1, "gelu_tanh": 2}
+"""Activations the split-K reduce applies to a gated MLP's gate (``Segments.gate_act`` of common.cuh): the output is
+``act(gate) * up`` for a group of exactly two equal-sized layers, gate first."""
 
 
 def layer_geometry(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -82,10 +87,12 @@ def layer_geometry(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.T
     return codes.shape[0], codes.shape[1], m, scales.shape[1]
 
 
-def _segments(layers: Sequence[Layer], tiled: bool = False) -> _Segments:
-    """Each layer's tables and their strides (contiguous tensors in the given layout)."""
+def _segments(layers: Sequence[Layer], tiled: bool = False, gate_act: int = 0) -> _Segments:
+    """Each layer's tables and their strides (contiguous tensors in the given layout); ``gate_act`` see
+    :data:`GATE_ACTS`."""
     segs = _Segments()
     segs.count = len(layers)
+    segs.gate_act = gate_act
     segs.code_xor = TILE_CODE_XOR if tiled else 0
     row = 0
     for i, (codes, codebooks, scales) in enumerate(layers):
@@ -270,9 +277,17 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _partials(splits: int, tokens: int, n: int, x: torch.Tensor) -> torch.Tensor | None:
-    """fp32 split-K workspace ``[splits, T, N]``, summed in split order by the library (deterministic)."""
-    return torch.empty(splits, tokens, n, dtype=torch.float32, device=x.device) if splits > 1 else None
+def _partials(splits: int, tokens: int, n: int, x: torch.Tensor, gate_act: int = 0) -> torch.Tensor | None:
+    """fp32 split-K workspace ``[splits, T, N]``, summed in split order by the library (deterministic); a gated
+    call goes through it even unsplit, since its reduce applies the activation."""
+    if splits > 1 or gate_act:
+        return torch.empty(splits, tokens, n, dtype=torch.float32, device=x.device)
+    return None
+
+
+def _output(x: torch.Tensor, n: int, gate_act: int) -> torch.Tensor:
+    """``[T, N]``, or ``[T, N / 2]`` for a gated call."""
+    return torch.empty(x.shape[0], n // 2 if gate_act else n, dtype=x.dtype, device=x.device)
 
 
 def psumbook_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -291,10 +306,11 @@ def psumbook_plan_rpt(tokens: int, rows_per_thread: int | None, n: int, num_vect
 
 def grouped_psumbook_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None,
                           rows_per_thread: int | None = None, splits: int | None = None,
-                          tiled: bool = False) -> torch.Tensor:
+                          tiled: bool = False, gate_act: int = 0) -> torch.Tensor:
     """``x [T, K] -> [T, sum N]``: sibling layers (same K and config) in one launch of psumbook.cu, their
-    outputs side by side. The call must be :func:`grouped_eligible` for
-    :func:`psumbook_rows_per_block` rows and its tensors contiguous (row-major, or ``tiled``)."""
+    outputs side by side (``gate_act``: ``[T, N / 2]``, see :data:`GATE_ACTS`). The call must be
+    :func:`grouped_eligible` for :func:`psumbook_rows_per_block` rows and its tensors contiguous (row-major, or
+    ``tiled``)."""
     tokens = x.shape[0]
     codebooks = layers[0][1]
     n = sum(_rows(layers, tiled))
@@ -305,10 +321,10 @@ def grouped_psumbook_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.
     chunks = num_vectors // (32 // m)
     per_split = -(-chunks // splits)
     used = -(-chunks // per_split)
-    out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
-    partial = _partials(used, tokens, n, x)
+    out = _output(x, n, gate_act)
+    partial = _partials(used, tokens, n, x, gate_act)
     _launch("codegemm_psumbook", x, (
-        m, v, rpt, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers, tiled)),
+        m, v, rpt, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers, tiled, gate_act)),
         _ptr(bias), out.data_ptr(), _ptr(partial), n, num_vectors, groups,
         num_vectors if groups == 1 else num_vectors // groups, splits), "Psumbook")
     return out
@@ -424,10 +440,12 @@ def mma_rows_per_block(tokens: int, n: int, k: int, device: torch.device, tiles:
 
 
 def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None, tiles: int | None = None,
-                     splits: int | None = None, tiled: bool = False, psumbook: bool | None = None) -> torch.Tensor:
+                     splits: int | None = None, tiled: bool = False, psumbook: bool | None = None,
+                     gate_act: int = 0) -> torch.Tensor:
     """``x [T, K] -> [T, sum N]``: sibling layers in one launch of codebook_mma.cu, or of psumbook_mma.cu where
     :func:`psumbook_mma_chosen` (``psumbook`` forces the choice; True needs a call that :func:`psumbook_mma_fits`). Each layer must be
-    :func:`codebook_mma_eligible`, the group :func:`grouped_eligible` for :func:`mma_rows_per_block` rows."""
+    :func:`codebook_mma_eligible`, the group :func:`grouped_eligible` for :func:`mma_rows_per_block` rows.
+    ``gate_act``: a gated MLP's two layers, output ``[T, N / 2]`` (:data:`GATE_ACTS`)."""
     tokens, k = x.shape
     codebooks = layers[0][1]
     n = sum(_rows(layers, tiled))
@@ -448,11 +466,12 @@ def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tenso
     splits = max(splits or default_splits, least_splits)  # x must fit on chip
     per_split = -(-chunks // splits)
     used = -(-chunks // per_split)
-    out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
-    partial = _partials(used, tokens, n, x)
+    out = _output(x, n, gate_act)
+    partial = _partials(used, tokens, n, x, gate_act)
     chunks_per_group = chunks if groups == 1 else chunks // groups
     _launch(entry, x, (
-        m, v, tiles, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers, tiled)), _ptr(bias), out.data_ptr(),
+        m, v, tiles, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers, tiled, gate_act)), _ptr(bias),
+        out.data_ptr(),
         _ptr(partial), n, chunks, groups, chunks_per_group, splits), kernel)
     return out
 

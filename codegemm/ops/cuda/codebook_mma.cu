@@ -335,10 +335,11 @@ int launch_mma(const void* x, int tokens, int stride_x, const Segments& segs, co
   dim3 grid(max(1, min(items, sms * max(1, per_sm))));
   kernel<<<grid, MMA_THREADS, smem, stream>>>(
       static_cast<const XT*>(x), tokens, stride_x, segs, static_cast<const XT*>(bias), static_cast<XT*>(out),
-      used_splits > 1 ? partial : nullptr, n_rows, num_chunks, groups, chunks_per_group, per_split);
+      needs_reduce(used_splits, segs) ? partial : nullptr, n_rows, num_chunks, groups, chunks_per_group, per_split);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
-  return used_splits > 1 ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, stream) : 0;
+  return needs_reduce(used_splits, segs) ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, segs, stream)
+                                         : 0;
 }
 
 template <int M, int V, typename XT>

@@ -29,6 +29,10 @@ struct Segments {
   // Byte s of row n's 32-byte chunk is stored at s ^ (n & code_xor), n counted from the segment's start: 15 in the
   // tiled layout (the order the Psumbook kernel's lanes gather in), 0 row-major. The same for every segment.
   int code_xor;
+  // 0: the output holds every row. 1 (SiLU) or 2 (tanh-approximated GELU): the two segments are a gated MLP's gate
+  // and up projections of equal size, and the output [T][n_rows / 2] holds act(gate) * up, computed by the split-K
+  // reduce from the fp32 sums, each rounded to the output dtype first (what the unfused model computes).
+  int gate_act;
 
   __host__ __device__ int find(int row) const {
     int s = 0;
@@ -124,11 +128,46 @@ __global__ void split_reduce_kernel(const float* __restrict__ partial, const XT*
   out[i] = from_float<XT>(s);
 }
 
-// out[t][n] = sum over splits of partial (+ bias); returns the launch's cudaError_t.
+// The gate_act reduce: out[t][j] = act(gate) * up from the gate row j and the up row half + j of every split.
+template <typename XT, int ACT>
+__global__ void gated_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,
+                                    XT* __restrict__ out, int tokens, int half, int splits) {
+  wait_for_primary_grid();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= tokens * half) return;
+  const int t = i / half, j = i - t * half;
+  const size_t per_split = static_cast<size_t>(tokens) * 2 * half;
+  const size_t at = static_cast<size_t>(t) * 2 * half + j;
+  float gate = 0.f, up = 0.f;
+  for (int k = 0; k < splits; ++k) {
+    gate += partial[k * per_split + at];
+    up += partial[k * per_split + at + half];
+  }
+  if (bias != nullptr) {
+    gate += to_float(bias[j]);
+    up += to_float(bias[half + j]);
+  }
+  gate = to_float(from_float<XT>(gate));
+  up = to_float(from_float<XT>(up));
+  float act;
+  if constexpr (ACT == 1) {
+    act = gate / (1.f + expf(-gate));
+  } else {
+    act = 0.5f * gate * (1.f + tanhf(0.7978845608028654f * (gate + 0.044715f * gate * gate * gate)));
+  }
+  out[i] = from_float<XT>(act * up);
+}
+
+// Whether a launcher must write fp32 partials and run the reduce: K is split, or the output is gated.
+inline bool needs_reduce(int used_splits, const Segments& segs) { return used_splits > 1 || segs.gate_act != 0; }
+
+// out = sum over splits of partial (+ bias), or its gated form (segs.gate_act); returns the launch's cudaError_t.
 template <typename XT>
 int launch_split_reduce(const float* partial, const void* bias, void* out, int tokens, int n_rows, int splits,
-                        cudaStream_t stream) {
-  const int total = tokens * n_rows;
+                        const Segments& segs, cudaStream_t stream) {
+  const int act = segs.gate_act;
+  if (act != 0 && (act > 2 || segs.count != 2 || 2 * segs.start[1] != n_rows)) return static_cast<int>(cudaErrorInvalidValue);
+  const int total = tokens * (act != 0 ? n_rows / 2 : n_rows);
   cudaLaunchAttribute dependent;
   dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   dependent.val.programmaticStreamSerializationAllowed = 1;
@@ -138,8 +177,11 @@ int launch_split_reduce(const float* partial, const void* bias, void* out, int t
   config.stream = stream;
   config.attrs = &dependent;
   config.numAttrs = dependent_launch_supported() ? 1 : 0;
-  return static_cast<int>(cudaLaunchKernelEx(&config, split_reduce_kernel<XT>, partial, static_cast<const XT*>(bias),
-                                             static_cast<XT*>(out), total, n_rows, splits));
+  const XT* b = static_cast<const XT*>(bias);
+  XT* o = static_cast<XT*>(out);
+  if (act == 1) return static_cast<int>(cudaLaunchKernelEx(&config, gated_reduce_kernel<XT, 1>, partial, b, o, tokens, n_rows / 2, splits));
+  if (act == 2) return static_cast<int>(cudaLaunchKernelEx(&config, gated_reduce_kernel<XT, 2>, partial, b, o, tokens, n_rows / 2, splits));
+  return static_cast<int>(cudaLaunchKernelEx(&config, split_reduce_kernel<XT>, partial, b, o, total, n_rows, splits));
 }
 
 }  // namespace

@@ -416,10 +416,11 @@ int launch_psumbook(const void* x, int tokens, int stride_x, const Segments& seg
   dim3 grid((n_rows + THREADS / LANES * RPT - 1) / (THREADS / LANES * RPT), used_splits);
   kernel<<<grid, THREADS, smem, stream>>>(
       static_cast<const XT*>(x), tokens, stride_x, segs, static_cast<const XT*>(bias), static_cast<XT*>(out),
-      used_splits > 1 ? partial : nullptr, n_rows, num_vectors, groups, vectors_per_group, per_split);
+      needs_reduce(used_splits, segs) ? partial : nullptr, n_rows, num_vectors, groups, vectors_per_group, per_split);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
-  return used_splits > 1 ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, stream) : 0;
+  return needs_reduce(used_splits, segs) ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, segs, stream)
+                                         : 0;
 }
 
 // Instantiated plans: one token: two lanes per row, RPT 2, 4 or 8 rows per lane pair; 2-16 tokens: one

@@ -348,11 +348,12 @@ int launch_psumbook_mma(const void* x, int tokens, int stride_x, const Segments&
   dim3 grid((n_rows + ROWS - 1) / ROWS, used_splits);
   kernel<<<grid, PM_THREADS, smem, stream>>>(static_cast<const __half*>(x), tokens, stride_x, segs,
                                              static_cast<const __half*>(bias), static_cast<__half*>(out),
-                                             used_splits > 1 ? partial : nullptr, n_rows, num_chunks, chunks_per_group,
+                                             needs_reduce(used_splits, segs) ? partial : nullptr, n_rows, num_chunks, chunks_per_group,
                                              per_split);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
-  return used_splits > 1 ? launch_split_reduce<__half>(partial, bias, out, tokens, n_rows, used_splits, stream) : 0;
+  return needs_reduce(used_splits, segs) ? launch_split_reduce<__half>(partial, bias, out, tokens, n_rows, used_splits, segs, stream)
+                                         : 0;
 }
 
 template <int M, int V>
