@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_error, seeded_cuda_layer, tiny_llama_config
+from helpers import assert_grouped_decode_matches_separate, rel_error, seeded_cuda_layer
 
 from codegemm import CodebookConfig, reference
-from codegemm.generation import FastGenerator
 from codegemm.layout import tile_tables
 from codegemm.ops import custom_ops
 from codegemm.ops.cuda import GATE_ACTS
-from codegemm.random_model import build_random_quantized_model
 from codegemm.siblings import unfuse_siblings
 
 pytestmark = pytest.mark.gpu
@@ -82,17 +80,7 @@ def test_gated_rejects_bad_groups():
 
 
 def test_compiled_graph_decode_with_fused_mlp_equals_unfused():
-    hf = tiny_llama_config(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
-                           num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-                           eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    model = build_random_quantized_model(hf, "m2v8g128", device=DEVICE, dtype=torch.float16, seed=3)
-    model.generation_config.eos_token_id = None
-    prompt = torch.randint(1, 512, (2, 9), device=DEVICE)
-    separate = FastGenerator(model, group_siblings=False).generate(prompt, 12, keep_logits=True)
-    fused = FastGenerator(model).generate(prompt, 12, keep_logits=True)
+    model = assert_grouped_decode_matches_separate(seed=3)
     assert any(getattr(m, "_codegemm_gated", False) for m in model.modules())
-    assert rel_error(fused.logits, separate.logits.double()) <= 2e-2
-    same = (fused.new_tokens == separate.new_tokens).all(dim=0).long().cumprod(0).sum().item()
-    assert same >= 4, f"fused and unfused decoding diverged after {same} tokens"
     unfuse_siblings(model)
     assert not any(getattr(m, "_codegemm_gated", False) or "forward" in m.__dict__ for m in model.modules())

@@ -184,15 +184,27 @@ def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False, gate_act=0):
     return gate(out, gate_act) if gate_act else out
 
 
-def _check_grouped_args(x, codes, codebooks, scales, bias, tiled=False) -> int:
-    """Raise unless the lists describe sibling layers (one per entry, same K) that ``x`` feeds; total rows."""
+def _grouped_rows(x, codes, codebooks, scales, bias, tiled=False) -> list[int]:
+    """Raise unless the lists describe sibling layers (one per entry, same K) that ``x`` feeds; each one's rows."""
     if not (len(codes) == len(codebooks) == len(scales)) or not codes:
         raise ShapeError(f"codes, codebooks and scales must be lists of one equal, non-zero length; got "
                          f"{len(codes)}, {len(codebooks)}, {len(scales)}")
-    n = sum(check_matmul_args(x, *layer, None, _UINT8, tiled) for layer in zip(codes, codebooks, scales))
+    rows = [check_matmul_args(x, *layer, None, _UINT8, tiled) for layer in zip(codes, codebooks, scales)]
+    n = sum(rows)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or bias.dtype not in _FLOAT_DTYPES):
         raise ShapeError(f"bias must be a float tensor (sum of out_features={n},); got {bias.dtype} {tuple(bias.shape)}")
-    return n
+    return rows
+
+
+def _check_grouped_args(x, codes, codebooks, scales, bias, tiled=False) -> int:
+    """:func:`_grouped_rows`, summed: the grouped output's columns."""
+    return sum(_grouped_rows(x, codes, codebooks, scales, bias, tiled))
+
+
+def _grouped_contiguous(x, codes, codebooks, scales, bias, tiled, gate_act=0) -> torch.Tensor:
+    """:func:`_grouped_gpu` on contiguous copies (no-ops when already contiguous) of every tensor."""
+    return _grouped_gpu(*_contiguous(x), *([t.contiguous() for t in ts] for ts in (codes, codebooks, scales)),
+                        *_contiguous(bias), tiled, gate_act)
 
 
 @torch.library.custom_op("codegemm::grouped_cuda_mm", mutates_args=())
@@ -207,8 +219,7 @@ def grouped_cuda_mm(
     """Sibling layers that read ``x`` (q/k/v, gate/up) in one CUDA launch: ``x [T, K] -> [T, sum N]``
     (``tiled``: every layer's tables in the tiled layout)."""
     _check_grouped_args(x, codes, codebooks, scales, bias, tiled)
-    return _grouped_gpu(*_contiguous(x), *([t.contiguous() for t in ts] for ts in (codes, codebooks, scales)),
-                        *_contiguous(bias), tiled)
+    return _grouped_contiguous(x, codes, codebooks, scales, bias, tiled)
 
 
 @grouped_cuda_mm.register_fake
@@ -223,10 +234,10 @@ def _check_gated_args(x, codes, codebooks, scales, bias, tiled, act) -> int:
         raise ConfigError(f"act must be one of {sorted(GATE_ACTS)}; got {act!r}")
     if len(codes) != 2:
         raise ShapeError(f"codes, codebooks and scales must hold the gate and the up layer (2 each); got {len(codes)}")
-    n = _check_grouped_args(x, codes, codebooks, scales, bias, tiled)
-    if n % 2 or check_matmul_args(x, codes[0], codebooks[0], scales[0], None, _UINT8, tiled) != n // 2:
-        raise ShapeError(f"the gate and up layers must have equal out_features; got {n} rows in all")
-    return n // 2
+    gate_rows, up_rows = _grouped_rows(x, codes, codebooks, scales, bias, tiled)
+    if gate_rows != up_rows:
+        raise ShapeError(f"the gate and up layers must have equal out_features; got {gate_rows} and {up_rows}")
+    return gate_rows
 
 
 @torch.library.custom_op("codegemm::gated_cuda_mm", mutates_args=())
@@ -242,8 +253,7 @@ def gated_cuda_mm(
     """A gated MLP's gate and up layers in one CUDA launch, the activation applied in its split-K reduce:
     ``x [T, K] -> act(x @ gate.T) * (x @ up.T) [T, N]``, each product rounded to ``x``'s dtype first."""
     _check_gated_args(x, codes, codebooks, scales, bias, tiled, act)
-    return _grouped_gpu(*_contiguous(x), *([t.contiguous() for t in ts] for ts in (codes, codebooks, scales)),
-                        *_contiguous(bias), tiled, GATE_ACTS[act])
+    return _grouped_contiguous(x, codes, codebooks, scales, bias, tiled, GATE_ACTS[act])
 
 
 @gated_cuda_mm.register_fake
