@@ -6,7 +6,8 @@ build('sm_90')"` (or of an older checkout) and carry it. Each library and varian
 reference (tails, both dtypes) and for run-to-run equality, then timed on the Llama-3 decoder-block shapes in the
 tiled layout beside fp16 cuBLAS. Env: TOKENS (default 2,4,8,16), CFGS, VARIANTS (comma-separated; default "auto"):
 "auto" is the dispatcher's choice, "mma" forces codebook_mma.cu, "pmma" psumbook_mma.cu (fp16, <= 4 tokens), with
-optional suffixes "-tN" (N 16-row tiles per warp) and "-sF" (F times the planned splits, e.g. -s2, -s0.5).
+optional suffixes "-tN" (N 16-row tiles per warp), "-sF" (F times the planned splits, e.g. -s2, -s0.5) and "-xN"
+(N token-chunks of activations per split on chip instead of ``mma_x_budget``).
 """
 import functools
 import os
@@ -28,6 +29,7 @@ gen = torch.Generator(device=dev).manual_seed(0)
 tokens_list = [int(t) for t in os.environ.get("TOKENS", "2,4,8,16").split(",")]
 cfgs = os.environ.get("CFGS", "m2v8g128,m1v4g128").split(",")
 variants = os.environ.get("VARIANTS", "auto").split(",")
+DEFAULT_X_BUDGET = cu.mma_x_budget
 
 
 def variant_call(variant: str, x: torch.Tensor, layer: tuple) -> functools.partial | None:
@@ -38,6 +40,8 @@ def variant_call(variant: str, x: torch.Tensor, layer: tuple) -> functools.parti
         return None
     tiles = next((int(o[1:]) for o in opts if o.startswith("t")), None)
     factor = next((float(o[1:]) for o in opts if o.startswith("s")), 1.0)
+    limit = next((int(o[1:]) for o in opts if o.startswith("x")), None)
+    cu.mma_x_budget = DEFAULT_X_BUDGET if limit is None else (lambda tokens, device, limit=limit: limit)
     splits = None
     if factor != 1.0:
         n = sum(cu.layer_geometry(*layer, True)[0] for layer in [layer])

@@ -6,7 +6,8 @@
 profiles the third launch, the 8192x57344 layer (Llama-3-70B gate_up). Needs PYTHONPATH=. and a GPU.
 The tables are in the tiled layout that models on a GPU hold (docs/KERNELS.md v11); ``ROWS=1`` profiles the
 row-major layout instead. ``TOKENS=4`` runs four tokens through psumbook_mma.cu instead (``--kernel-name
-regex:psumbook_mma_kernel``; ``TILES`` picks its 16-row tiles per warp).
+regex:psumbook_mma_kernel``; ``TILES`` picks its 16-row tiles per warp); ``TOKENS`` of 5-16 runs the codebook
+tensor-core kernel of codebook_mma.cu (``--kernel-name regex:codebook_mma_kernel``).
 """
 import os
 
@@ -28,6 +29,6 @@ for k, n in [(8192, 57344), (4096, 28672)]:
         if tokens == 1:
             cu.psumbook_matmul_cuda(x, codes, cb, s, None, tiled=tiled)
         else:
-            cu.codebook_mma_cuda(x, codes, cb, s, None, tiles=tiles, tiled=tiled, psumbook=True)
+            cu.codebook_mma_cuda(x, codes, cb, s, None, tiles=tiles, tiled=tiled, psumbook=tokens <= 4)
     torch.cuda.synchronize()
 print("done")

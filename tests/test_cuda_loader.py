@@ -75,7 +75,13 @@ def test_mma_plan_keeps_activations_on_chip(tokens):
         tiles, splits = cuda.plan_mma(tokens, n, k, torch.device("cpu"))
         chunks = k // cuda.MMA_CHUNK_INPUTS
         assert tiles in (1, 2, 4) and 1 <= splits <= chunks
-        assert -(-chunks // splits) * tokens <= cuda.MMA_MAX_X_CHUNKS
+        assert -(-chunks // splits) * cuda.mma_x_rows(tokens) <= cuda.mma_x_budget(tokens, torch.device("cpu"))
+
+
+def test_mma_activation_rows_and_budget_off_gpu():
+    """Above 8 tokens x is staged as 16 rows; off a GPU the budget is the two-block one."""
+    assert [cuda.mma_x_rows(t) for t in (1, 8, 9, 16)] == [1, 8, 16, 16]
+    assert cuda.mma_x_budget(16, torch.device("cpu")) == cuda.MMA_MAX_X_CHUNKS
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 16])

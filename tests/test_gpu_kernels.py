@@ -195,6 +195,27 @@ def test_cuda_kernels_every_token_count_and_plan(name, n, k):
         assert rel_error(psumbook_matmul_cuda(x, codes, codebooks, scales, bias), ref) <= bound, tokens
 
 
+@pytest.mark.parametrize("tokens", [9, 16])
+def test_codebook_mma_large_activation_budget_above_eight_tokens(tokens):
+    """Above 8 tokens one block has the SM, so a split stages many more chunks of x than the two-block budget
+    (fewer fp32 partials). K here needs two such splits plus one chunk: every plan still matches the reference."""
+    from codegemm.ops import cuda
+
+    budget = cuda.mma_x_budget(tokens, DEVICE)
+    assert budget > cuda.MMA_MAX_X_CHUNKS
+    per_split_max = budget // cuda.mma_x_rows(tokens)
+    n, k = 1000, cuda.MMA_CHUNK_INPUTS * (2 * per_split_max + 1)
+    config = CodebookConfig.from_name("m2v8g128")
+    codes, codebooks, scales = _random_layer(config, n, k)
+    x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
+    ref = reference.dense_matmul(x, codes, codebooks, scales, None, torch.float64)
+    _, planned = cuda.plan_mma(tokens, n, k, DEVICE)
+    assert -(-(k // cuda.MMA_CHUNK_INPUTS) // planned) <= per_split_max
+    for splits in (None, 1, 3):  # 1: raised to the fewest splits that fit
+        out = cuda.codebook_mma_cuda(x, codes, codebooks, scales, None, None, splits)
+        assert rel_error(out, ref) <= 1e-3, splits
+
+
 def test_codebook_mma_falls_back_when_groups_are_small():
     """g = 64 splits a 128-input chunk: the op routes to the Psumbook kernel and stays correct."""
     from codegemm.ops.cuda import codebook_mma_eligible

@@ -333,7 +333,10 @@ def grouped_psumbook_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.
 MMA_CHUNK_INPUTS = 128
 """Inputs per chunk of the codebook tensor-core kernel (32 code bytes of a row)."""
 MMA_MAX_X_CHUNKS = 64
-"""Token-chunks of activations a block keeps in shared memory (256 B each: 16 KiB beside the codebook)."""
+"""Token-chunks of activations a block keeps in shared memory while two blocks share an SM (up to 8 tokens;
+256 B each: 16 KiB beside the codebook). Above 8 tokens one block has the SM: :func:`mma_x_budget`."""
+MMA_CODEBOOK_SMEM = 65536
+"""Shared memory of the replicated codebook in codebook_mma.cu (m2v8; m1v4 takes half)."""
 _MMA_ROWS_PER_BLOCK_TILE = 16 * 16
 """Rows per block per m-tile per warp (16 warps of 16-row mma tiles)."""
 
@@ -350,9 +353,27 @@ def codebook_mma_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torch
     return x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
 
 
-def _min_mma_splits(chunks: int, tokens: int) -> int:
-    """Fewest K splits whose largest split's activations fit: ``ceil(chunks / splits) * tokens <= MAX``."""
-    return -(-chunks // (MMA_MAX_X_CHUNKS // tokens))
+def mma_x_rows(tokens: int) -> int:
+    """Token rows a chunk of activations takes on chip: above 8 tokens the kernel stages all 16 (zeros past the
+    tokens) so its loads need no branch."""
+    return 16 if tokens > 8 else tokens
+
+
+def mma_x_budget(tokens: int, device: torch.device) -> int:
+    """Token-chunks of activations a split may keep on chip. Up to 8 tokens two blocks share an SM:
+    :data:`MMA_MAX_X_CHUNKS`. Above, the one block per SM may fill what the codebook leaves of the opt-in shared
+    memory (H100/H200: 40 chunks of 16 tokens, against 4 at the two-block budget). Fewer splits write and reduce
+    fewer fp32 partials and restage x less often: 8B block at 16 tokens 95.1 -> 86.1 µs on an H100 (docs/KERNELS.md,
+    v16)."""
+    if tokens <= 8 or device.type != "cuda":
+        return MMA_MAX_X_CHUNKS
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return max(MMA_MAX_X_CHUNKS, (optin - MMA_CODEBOOK_SMEM) // 256)
+
+
+def _min_mma_splits(chunks: int, tokens: int, budget: int) -> int:
+    """Fewest K splits whose largest split's activations fit: ``ceil(chunks / splits) * rows <= budget``."""
+    return -(-chunks // (budget // mma_x_rows(tokens)))
 
 
 def plan_mma(tokens: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
@@ -360,7 +381,7 @@ def plan_mma(tokens: int, n: int, k: int, device: torch.device) -> tuple[int, in
 
     The kernel runs persistent blocks (two per SM up to 8 tokens, one above: the launch bounds) that each
     build the replicated codebook once and then take an even share of the work items (row block, split of K).
-    A split's activations sit in shared memory beside the codebook, at most ``MMA_MAX_X_CHUNKS`` token-chunks.
+    A split's activations sit in shared memory beside the codebook, at most :func:`mma_x_budget` token-chunks.
     The split count minimises the slowest block's work, ``ceil(items / blocks) * (chunks per item + 1)``
     (the + 1 prices an item's start: x reload, code pipeline refill, partial write). Against a fixed
     "two items per block" rule this cut the 8B block from 98 to 82 µs (m2v8g128, 1 token, H200).
@@ -369,14 +390,15 @@ def plan_mma(tokens: int, n: int, k: int, device: torch.device) -> tuple[int, in
 
     tiles = int(os.environ.get("CODEGEMM_MMA_TILES", "0")) or 1  # one 16-row tile per warp won on an H200
     resident = (2 if tokens <= 8 else 1) * sm_count(device)
-    return tiles, _best_mma_splits(tokens, -(-n // (_MMA_ROWS_PER_BLOCK_TILE * tiles)), k // MMA_CHUNK_INPUTS, resident)
+    return tiles, _best_mma_splits(tokens, -(-n // (_MMA_ROWS_PER_BLOCK_TILE * tiles)), k // MMA_CHUNK_INPUTS, resident,
+                                   mma_x_budget(tokens, device))
 
 
 @functools.lru_cache(maxsize=4096)
-def _best_mma_splits(tokens: int, row_blocks: int, chunks: int, resident: int) -> int:
+def _best_mma_splits(tokens: int, row_blocks: int, chunks: int, resident: int, budget: int) -> int:
     """The split search of :func:`plan_mma`, cached: it runs once per layer shape, not once per call."""
     best: tuple[int, int] | None = None
-    for splits in range(_min_mma_splits(chunks, tokens), chunks + 1):
+    for splits in range(_min_mma_splits(chunks, tokens, budget), chunks + 1):
         per_split = -(-chunks // splits)
         items = row_blocks * -(-chunks // per_split)
         cost = -(-items // min(items, resident)) * (per_split + 1)
@@ -461,7 +483,7 @@ def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tenso
     else:
         entry, kernel = "codegemm_codebook_mma", "codebook mma"
         default_tiles, default_splits = plan_mma(tokens, n, k, x.device)
-        least_splits = _min_mma_splits(chunks, tokens)
+        least_splits = _min_mma_splits(chunks, tokens, mma_x_budget(tokens, x.device))
     tiles = tiles or default_tiles
     splits = max(splits or default_splits, least_splits)  # x must fit on chip
     per_split = -(-chunks // splits)

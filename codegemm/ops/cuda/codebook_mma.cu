@@ -18,6 +18,8 @@
 // and the B fragment (activations of token g) is loaded in the same order from a shared-memory copy of x.
 // Per chunk the 8 mma steps accumulate into a temporary that is scaled by the row's group scale in fp32.
 // Splits of K write fp32 partials summed in split order (split_reduce in psumbook.cu's style): deterministic.
+// With two n-tiles (9-16 tokens) one block has the SM (128 registers), so a split may stage far more chunks of x
+// than two blocks could (codegemm.ops.cuda.mma_x_budget): fewer partials to write and reduce.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -88,6 +90,10 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
     int chunks_per_group, int chunks_per_split) {
   static_assert((M == 2 && V == 8) || (M == 1 && V == 4), "m2v8 or m1v4");
   using Tr = MmaTraits<XT>;
+  // Two n-tiles (9-16 tokens): x holds all 16 token rows (zeros past the tokens), so the B fragments load
+  // without a branch, and the chunk loop is unrolled by three (below).
+  constexpr bool PADDED = NT == 2;
+  const int x_rows = PADDED ? 16 : tokens;
   allow_dependent_launch();  // the split-K reduce may launch now (common.cuh)
   constexpr int COPIES = codebook_copies<V>();
   constexpr int CB_BYTES = codebook_bytes<M, V>();
@@ -124,12 +130,14 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   if (split != loaded_split) {
     // x of the split's chunks, tokens only (token columns >= tokens read as zeros from registers).
     __syncthreads();
-    for (int e = tid; e < nch * tokens * 16; e += MMA_THREADS) {
-      const int slot = e & 15, t = (e >> 4) % tokens, cl = (e >> 4) / tokens;
+    for (int e = tid; e < nch * x_rows * 16; e += MMA_THREADS) {
+      const int slot = e & 15, t = (e >> 4) % x_rows, cl = (e >> 4) / x_rows;
       const int logical = (slot - 4 * t) & 15;  // invert the per-token rotation
       const int u = logical >> 2, qq = logical & 3;
-      xs[(cl * tokens + t) * 16 + slot] = *reinterpret_cast<const uint4*>(
-          x + static_cast<size_t>(t) * stride_x + static_cast<size_t>(chunk_lo + cl) * CHUNK_INPUTS + 32 * qq + 8 * u);
+      xs[(cl * x_rows + t) * 16 + slot] =
+          t < tokens ? *reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * stride_x +
+                                                       static_cast<size_t>(chunk_lo + cl) * CHUNK_INPUTS + 32 * qq + 8 * u)
+                     : make_uint4(0u, 0u, 0u, 0u);
     }
     __syncthreads();
     loaded_split = split;
@@ -176,14 +184,27 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
       code_off[r][h] = row * static_cast<uint32_t>(code_row) + 8 * unit;
       scale_off[r][h] = row * static_cast<uint32_t>(scale_row);
     }
-  // Codes of rows g and g + 8 of each m-tile for one chunk (8 bytes each), fetched two chunks ahead.
+  // Codes of rows g and g + 8 of each m-tile for one chunk (8 bytes each), fetched two chunks ahead (padded:
+  // through per-row pointers that step one chunk per fetch, fewer address instructions for a few registers).
   uint2 cw[R][2], next_cw[R][2], next2_cw[R][2];
+  const uint8_t* code_ptr[R][2];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) code_ptr[r][h] = codes + static_cast<size_t>(chunk_lo) * code_chunk + code_off[r][h];
   auto fetch = [&](int chunk, uint2 (&w)[R][2]) {
-    const uint8_t* chunk_codes = codes + static_cast<size_t>(chunk) * code_chunk;
+    if constexpr (PADDED) {
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) w[r][h] = load_codes(chunk_codes + code_off[r][h]);
+        for (int h = 0; h < 2; ++h) w[r][h] = load_codes(code_ptr[r][h]), code_ptr[r][h] += code_chunk;
+    } else {
+      const uint8_t* chunk_codes = codes + static_cast<size_t>(chunk) * code_chunk;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) w[r][h] = load_codes(chunk_codes + code_off[r][h]);
+    }
   };
   // Group scales of rows g and g + 8 for four consecutive chunks: lane q loads chunk (base + q)'s, and the
   // chunk's owner lane is read with a shuffle (a quarter of the scale loads). A chunk past the split reads its
@@ -201,15 +222,20 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   if (nch > 1) fetch(chunk_lo + 1, next_cw);
   if (nch > 0) fetch_scales(chunk_lo, next_sv);
 
-  for (int cl = 0; cl < nch; ++cl) {
+  // This lane's B-fragment slot for each u (the per-token rotation; token g + 8 rotates like g).
+  int x_slot[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) x_slot[u] = g * 16 + ((4 * u + q + 4 * g) & 15);
+  // One chunk: cw holds its codes; the codes of chunk cl + 2 are fetched into ahead2.
+  auto step = [&](int cl, uint2 (&cw)[R][2], uint2 (&ahead2)[R][2]) {
     const int chunk = chunk_lo + cl;
     if ((cl & 3) == 0) {
 #pragma unroll
       for (int r = 0; r < R; ++r) sv[r][0] = next_sv[r][0], sv[r][1] = next_sv[r][1];
       if (cl + 4 < nch) fetch_scales(chunk + 4, next_sv);
     }
-    if (cl + 2 < nch) fetch(chunk + 2, next2_cw);
-    const uint4* xc = xs + cl * tokens * 16;
+    if (cl + 2 < nch) fetch(chunk + 2, ahead2);
+    const uint4* xc = xs + cl * x_rows * 16;
     float tmp[R][NT][4];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -225,7 +251,10 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int t = g + 8 * nt;
-        xb[nt] = t < tokens ? xc[t * 16 + ((4 * u + q + 4 * t) & 15)] : make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (PADDED)
+          xb[nt] = xc[x_slot[u] + 128 * nt];
+        else
+          xb[nt] = t < tokens ? xc[t * 16 + ((4 * u + q + 4 * t) & 15)] : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -286,9 +315,24 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
         acc[r][nt][2] = fmaf(s_hi, tmp[r][nt][2], acc[r][nt][2]);
         acc[r][nt][3] = fmaf(s_hi, tmp[r][nt][3], acc[r][nt][3]);
       }
+      if constexpr (!PADDED) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) cw[r][h] = next_cw[r][h], next_cw[r][h] = next2_cw[r][h];
+        for (int h = 0; h < 2; ++h) cw[r][h] = next_cw[r][h], next_cw[r][h] = ahead2[r][h];
+      }
     }
+  };
+  if constexpr (PADDED) {
+    // Unrolled by three so the two-ahead ring of code buffers needs no register moves: chunk cl reads cl % 3.
+    int cl = 0;
+    for (; cl + 3 <= nch; cl += 3) {
+      step(cl, cw, next2_cw);
+      step(cl + 1, next_cw, cw);
+      step(cl + 2, next2_cw, next_cw);
+    }
+    if (cl < nch) step(cl, cw, next2_cw);
+    if (cl + 1 < nch) step(cl + 1, next_cw, cw);
+  } else {
+    for (int cl = 0; cl < nch; ++cl) step(cl, cw, next2_cw);
   }
 
   // Accumulator e of n-tile nt: row g + 8 (e / 2), token 8 nt + 2 q + e % 2.
@@ -318,7 +362,7 @@ int launch_mma(const void* x, int tokens, int stride_x, const Segments& segs, co
                int groups, int chunks_per_group, int splits, cudaStream_t stream) {
   const int per_split = (num_chunks + splits - 1) / splits;
   const int used_splits = (num_chunks + per_split - 1) / per_split;
-  const int smem = codebook_bytes<M, V>() + per_split * tokens * 256;
+  const int smem = codebook_bytes<M, V>() + per_split * (NT == 2 ? 16 : tokens) * 256;  // x: see PADDED
   if (!segs.aligned(MMA_WARPS * 16 * R)) return static_cast<int>(cudaErrorInvalidValue);
   auto kernel = codebook_mma_kernel<M, V, R, NT, XT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
