@@ -128,7 +128,8 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   const int chunk_hi = min(chunk_lo + chunks_per_split, num_chunks);
   const int nch = chunk_hi - chunk_lo;
   if (split != loaded_split) {
-    // x of the split's chunks, tokens only (token columns >= tokens read as zeros from registers).
+    // x of the split's chunks: the tokens' rows (padded: 16 rows, zeros past the tokens; otherwise the absent
+    // token columns read as zeros from registers).
     __syncthreads();
     for (int e = tid; e < nch * x_rows * 16; e += MMA_THREADS) {
       const int slot = e & 15, t = (e >> 4) % x_rows, cl = (e >> 4) / x_rows;
