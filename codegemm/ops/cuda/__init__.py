@@ -367,8 +367,13 @@ def mma_x_budget(tokens: int, device: torch.device) -> int:
     v16)."""
     if tokens <= 8 or device.type != "cuda":
         return MMA_MAX_X_CHUNKS
-    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
-    return max(MMA_MAX_X_CHUNKS, (optin - MMA_CODEBOOK_SMEM) // 256)
+    return max(MMA_MAX_X_CHUNKS, (_smem_optin(device) - MMA_CODEBOOK_SMEM) // 256)
+
+
+@functools.cache
+def _smem_optin(device: torch.device) -> int:
+    """Opt-in shared memory per block of a CUDA device, read once (the budget is asked twice per call)."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
 
 
 def _min_mma_splits(chunks: int, tokens: int, budget: int) -> int:
