@@ -84,6 +84,16 @@ def test_mma_activation_rows_and_budget_off_gpu():
     assert cuda.mma_x_budget(16, torch.device("cpu")) == cuda.MMA_MAX_X_CHUNKS
 
 
+def test_mma_block_rows_above_eight_tokens_ignore_the_tiles():
+    """Above 8 tokens a block is 256 rows whether it is 16 warps of one m-tile or 8 of two (the default there), so
+    sibling layers group on the same boundaries; up to 8 tokens the tiles multiply the rows."""
+    assert [cuda.mma_block_rows(16, t) for t in (1, 2, 4)] == [256, 256, 256]
+    assert [cuda.mma_block_rows(8, t) for t in (1, 2, 4)] == [256, 512, 1024]
+    assert cuda.plan_mma(16, 4096, 4096, torch.device("cpu"))[0] == 2
+    assert cuda.plan_mma(8, 4096, 4096, torch.device("cpu"))[0] == 1
+    assert cuda.mma_rows_per_block(16, 4096, 4096, torch.device("cpu")) == 256
+
+
 @pytest.mark.parametrize("tokens", [1, 4, 16])
 def test_plan_fills_the_gpu_within_the_chunks(tokens):
     for n, k in [(4096, 4096), (57344, 8192), (512, 128)]:

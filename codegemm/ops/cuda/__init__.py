@@ -341,6 +341,12 @@ _MMA_ROWS_PER_BLOCK_TILE = 16 * 16
 """Rows per block per m-tile per warp (16 warps of 16-row mma tiles)."""
 
 
+def mma_block_rows(tokens: int, tiles: int) -> int:
+    """Output rows of one codebook_mma.cu block: 16 warps of ``tiles`` 16-row m-tiles up to 8 tokens; above, 256
+    whatever the tiles (16 warps of one, or 8 warps of two that share each B fragment)."""
+    return _MMA_ROWS_PER_BLOCK_TILE * (1 if tokens > 8 else tiles)
+
+
 def codebook_mma_eligible(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                           bias: torch.Tensor | None, tiled: bool = False) -> bool:
     """Whether a call fits codebook_mma.cu: the Psumbook kernel's conditions, K and groups in 128-input chunks."""
@@ -393,9 +399,10 @@ def plan_mma(tokens: int, n: int, k: int, device: torch.device) -> tuple[int, in
     """
     from codegemm.ops.triton_psumbook import sm_count
 
-    tiles = int(os.environ.get("CODEGEMM_MMA_TILES", "0")) or 1  # one 16-row tile per warp won on an H200
+    # Up to 8 tokens one 16-row tile per warp won on an H200; above, 8 warps of two tiles (docs/KERNELS.md, v17).
+    tiles = int(os.environ.get("CODEGEMM_MMA_TILES", "0")) or (2 if tokens > 8 else 1)
     resident = (2 if tokens <= 8 else 1) * sm_count(device)
-    return tiles, _best_mma_splits(tokens, -(-n // (_MMA_ROWS_PER_BLOCK_TILE * tiles)), k // MMA_CHUNK_INPUTS, resident,
+    return tiles, _best_mma_splits(tokens, -(-n // mma_block_rows(tokens, tiles)), k // MMA_CHUNK_INPUTS, resident,
                                    mma_x_budget(tokens, device))
 
 
@@ -462,8 +469,9 @@ def mma_rows_per_block(tokens: int, n: int, k: int, device: torch.device, tiles:
                        psumbook: bool = False) -> int:
     """Output rows one work item of codebook_mma.cu (``psumbook``: one block of psumbook_mma.cu) covers under the
     plan it will run."""
-    plan = plan_psumbook_mma(n, k, device) if psumbook else plan_mma(tokens, n, k, device)
-    return _MMA_ROWS_PER_BLOCK_TILE * (tiles or plan[0])
+    if psumbook:
+        return _MMA_ROWS_PER_BLOCK_TILE * (tiles or plan_psumbook_mma(n, k, device)[0])
+    return mma_block_rows(tokens, tiles or plan_mma(tokens, n, k, device)[0])
 
 
 def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tensor | None, tiles: int | None = None,

@@ -18,8 +18,9 @@
 // and the B fragment (activations of token g) is loaded in the same order from a shared-memory copy of x.
 // Per chunk the 8 mma steps accumulate into a temporary that is scaled by the row's group scale in fp32.
 // Splits of K write fp32 partials summed in split order (split_reduce in psumbook.cu's style): deterministic.
-// With two n-tiles (9-16 tokens) one block has the SM (128 registers), so a split may stage far more chunks of x
-// than two blocks could (codegemm.ops.cuda.mma_x_budget): fewer partials to write and reduce.
+// With two n-tiles (9-16 tokens) one block has the SM, so a split may stage far more chunks of x than two blocks
+// could (codegemm.ops.cuda.mma_x_budget): fewer partials to write and reduce. Its default is 8 warps of two m-tiles
+// (256 threads, up to 255 registers), so each B fragment loaded from shared memory feeds both tiles.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,7 +31,6 @@
 namespace {
 
 constexpr int MMA_THREADS = 512;  // 16 warps share one codebook copy: 2 blocks (32 warps) per SM
-constexpr int MMA_WARPS = MMA_THREADS / 32;
 constexpr int CHUNK_INPUTS = 128;
 
 template <typename XT> struct MmaTraits;
@@ -83,8 +83,8 @@ __device__ __forceinline__ uint2 load_codes(const uint8_t* p) {
 template <int M, int V>
 __host__ __device__ constexpr int codebook_bytes() { return M * 256 * codebook_copies<V>() * (V * 2); }
 
-template <int M, int V, int R, int NT, typename XT>
-__global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebook_mma_kernel(
+template <int M, int V, int R, int NT, typename XT, int THREADS>
+__global__ void __launch_bounds__(THREADS, R == 1 && NT == 1 ? 2 : 1) codebook_mma_kernel(
     const XT* __restrict__ x, int tokens, int stride_x, const Segments segs, const XT* __restrict__ bias,
     XT* __restrict__ out, float* __restrict__ partial, int n_rows, int num_chunks, int groups,
     int chunks_per_group, int chunks_per_split) {
@@ -110,7 +110,8 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   // Persistent blocks: a block walks a contiguous range of work items (row block, split of K), reloading x
   // only when the split changes and the replicated codebook only when the segment (sibling layer) changes:
   // once per block for a single layer.
-  const int rows_per_block = MMA_WARPS * 16 * R;
+  constexpr int WARPS = THREADS / 32;
+  const int rows_per_block = WARPS * 16 * R;
   const int row_blocks = (n_rows + rows_per_block - 1) / rows_per_block;
   const int splits = (num_chunks + chunks_per_split - 1) / chunks_per_split;
   const int items = row_blocks * splits;
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
     // x of the split's chunks: the tokens' rows (padded: 16 rows, zeros past the tokens; otherwise the absent
     // token columns read as zeros from registers).
     __syncthreads();
-    for (int e = tid; e < nch * x_rows * 16; e += MMA_THREADS) {
+    for (int e = tid; e < nch * x_rows * 16; e += THREADS) {
       const int slot = e & 15, t = (e >> 4) % x_rows, cl = (e >> 4) / x_rows;
       const int logical = (slot - 4 * t) & 15;  // invert the per-token rotation
       const int u = logical >> 2, qq = logical & 3;
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
   const int seg = segs.find(block_row0);
   if (seg != loaded_seg) {
     if (loaded_seg >= 0) __syncthreads();  // the previous segment's gathers are done
-    replicate_codebook<M, V, MMA_THREADS>(cbs, Segments::pick(segs.codebooks, seg));
+    replicate_codebook<M, V, THREADS>(cbs, Segments::pick(segs.codebooks, seg));
     codes = Segments::pick(segs.codes, seg);
     scales = Segments::pick(segs.scales, seg);
     seg_row0 = Segments::pick(segs.start, seg);
@@ -358,27 +359,27 @@ __global__ void __launch_bounds__(MMA_THREADS, R == 1 && NT == 1 ? 2 : 1) codebo
 
 int max_blocks_per_sm = 0;  // 0: as many as fit (codegemm_codebook_mma_set_blocks_per_sm, for plan sweeps)
 
-template <int M, int V, int R, int NT, typename XT>
+template <int M, int V, int R, int NT, typename XT, int THREADS = MMA_THREADS>
 int launch_mma(const void* x, int tokens, int stride_x, const Segments& segs, const void* bias, void* out, float* partial, int n_rows, int num_chunks,
                int groups, int chunks_per_group, int splits, cudaStream_t stream) {
   const int per_split = (num_chunks + splits - 1) / splits;
   const int used_splits = (num_chunks + per_split - 1) / per_split;
   const int smem = codebook_bytes<M, V>() + per_split * (NT == 2 ? 16 : tokens) * 256;  // x: see PADDED
-  if (!segs.aligned(MMA_WARPS * 16 * R)) return static_cast<int>(cudaErrorInvalidValue);
-  auto kernel = codebook_mma_kernel<M, V, R, NT, XT>;
+  const int rows_per_block = THREADS / 32 * 16 * R;
+  if (!segs.aligned(rows_per_block)) return static_cast<int>(cudaErrorInvalidValue);
+  auto kernel = codebook_mma_kernel<M, V, R, NT, XT, THREADS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
-  const int rows_per_block = MMA_WARPS * 16 * R;
   const int items = (n_rows + rows_per_block - 1) / rows_per_block * used_splits;
   int device = 0, sms = 0, per_sm = 0;
   if ((err = cudaGetDevice(&device)) != cudaSuccess) return static_cast<int>(err);
   if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
     return static_cast<int>(err);
-  if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, MMA_THREADS, smem)) != cudaSuccess)
+  if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, smem)) != cudaSuccess)
     return static_cast<int>(err);
   if (max_blocks_per_sm > 0) per_sm = min(per_sm, max_blocks_per_sm);
   dim3 grid(max(1, min(items, sms * max(1, per_sm))));
-  kernel<<<grid, MMA_THREADS, smem, stream>>>(
+  kernel<<<grid, THREADS, smem, stream>>>(
       static_cast<const XT*>(x), tokens, stride_x, segs, static_cast<const XT*>(bias), static_cast<XT*>(out),
       needs_reduce(used_splits, segs) ? partial : nullptr, n_rows, num_chunks, groups, chunks_per_group, per_split);
   err = cudaGetLastError();
@@ -398,7 +399,10 @@ int mma_plan(int r, int tokens, const void* x, int stride_x, const Segments& seg
     if (r == 2) { CODEGEMM_MMA(2, 1); }
     CODEGEMM_MMA(1, 1);
   }
-  if (r >= 2) { CODEGEMM_MMA(2, 2); }
+  // Two n-tiles: 256-row blocks either way. r >= 2: 8 warps of two m-tiles that share each B fragment (a sixth fewer
+  // shared-memory wavefronts at 16 tokens; 244 registers, no spills), the default; r = 1: 16 warps of one.
+  if (r >= 2) return launch_mma<M, V, 2, 2, XT, 256>(x, tokens, stride_x, segs, bias, out, partial, n_rows, num_chunks,
+                                                     groups, cpg, splits, stream);
   CODEGEMM_MMA(1, 2);
 #undef CODEGEMM_MMA
 }
@@ -423,8 +427,9 @@ extern "C" {
 
 // m2v8 / m1v4 with 8-bit codes, fp16 codebooks and scales; 1-16 tokens; K a multiple of 128 and scale groups
 // a multiple of 128 inputs (chunks_per_group chunks each; per-row scales: groups = 1, chunks_per_group =
-// num_chunks). rows_per_warp16 picks 1, 2 or 4 m-tiles per warp. segs: the layer or sibling layers stacked
-// along N (common.cuh), n_rows their total. dtype: 0 fp16, 1 bf16.
+// num_chunks). rows_per_warp16 picks 1, 2 or 4 m-tiles per warp (above 8 tokens 1 or 2, both in 256-row blocks:
+// 16 warps of one tile or 8 of two). segs: the layer or sibling layers stacked along N (common.cuh), n_rows their
+// total. dtype: 0 fp16, 1 bf16.
 // Returns a cudaError_t (cudaErrorInvalidValue for segments off block boundaries), or -1 for a config that is
 // not compiled in.
 int codegemm_codebook_mma(int dtype, int m, int v, int rows_per_warp16, int tokens, const void* x, int stride_x,
