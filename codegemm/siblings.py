@@ -24,7 +24,7 @@ from torch import nn
 
 from codegemm.errors import ConfigError
 from codegemm.nn import CodeGEMMLinear
-from codegemm.ops.cuda import GATE_ACTS, SEGMENT_ROW_MULTIPLE
+from codegemm.ops.cuda import GATE_ACT_FUNCTIONS, GATE_ACTS, SEGMENT_ROW_MULTIPLE
 from codegemm.ops.dispatch import gated_matmul, grouped_matmul
 
 SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -121,9 +121,8 @@ def gated_activation(parent: nn.Module) -> str | None:
         got = act_fn(probe)
     except Exception:  # noqa: BLE001 - an activation that cannot take a float64 CPU tensor is not one we know
         return None
-    known = {"silu": torch.nn.functional.silu(probe),
-             "gelu_tanh": torch.nn.functional.gelu(probe, approximate="tanh")}
-    for name, expected in known.items():
+    for name, fn in GATE_ACT_FUNCTIONS.items():
+        expected = fn(probe)
         if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(got, expected, 1e-6, 1e-9):
             return name
     return None

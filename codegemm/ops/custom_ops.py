@@ -18,6 +18,7 @@ import torch
 from codegemm.errors import ConfigError, DTypeError, ShapeError
 from codegemm.layout import as_rows
 from codegemm.ops.cuda import (
+    GATE_ACT_FUNCTIONS,
     GATE_ACTS,
     MAX_TOKENS,
     MMA_MIN_TOKENS,
@@ -151,11 +152,8 @@ def gate(out: torch.Tensor, gate_act: int) -> torch.Tensor:
     """``act(gate) * up`` of a gated MLP's outputs ``[T, 2H]`` (gate first) in fp32, rounded once to their dtype:
     what the split-K reduce computes for ``gate_act`` (:data:`codegemm.ops.cuda.GATE_ACTS`)."""
     gate_out, up = out.float().chunk(2, dim=1)
-    if gate_act == GATE_ACTS["silu"]:
-        act = torch.nn.functional.silu(gate_out)
-    else:
-        act = torch.nn.functional.gelu(gate_out, approximate="tanh")
-    return (act * up).to(out.dtype)
+    name = next(name for name, code in GATE_ACTS.items() if code == gate_act)
+    return (GATE_ACT_FUNCTIONS[name](gate_out) * up).to(out.dtype)
 
 
 def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False, gate_act=0):

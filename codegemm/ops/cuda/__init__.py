@@ -75,6 +75,11 @@ class _Segments(ctypes.Structure):
 GATE_ACTS = {"silu": 1, "gelu_tanh": 2}
 """Activations the split-K reduce applies to a gated MLP's gate (``Segments.gate_act`` of common.cuh): the output is
 ``act(gate) * up`` for a group of exactly two equal-sized layers, gate first."""
+GATE_ACT_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": torch.nn.functional.silu,
+    "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh"),
+}
+"""The same activations in PyTorch, by :data:`GATE_ACTS` name: the unfused path and the probe of a model's act_fn."""
 
 
 def layer_geometry(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,

@@ -30,7 +30,7 @@
 
 namespace {
 
-constexpr int MMA_THREADS = 512;  // 16 warps share one codebook copy: 2 blocks (32 warps) per SM
+constexpr int MMA_THREADS = 512;  // 16 warps share one codebook copy: 2 blocks (32 warps) per SM up to 8 tokens
 constexpr int CHUNK_INPUTS = 128;
 
 template <typename XT> struct MmaTraits;
@@ -359,7 +359,7 @@ __global__ void __launch_bounds__(THREADS, R == 1 && NT == 1 ? 2 : 1) codebook_m
 
 int max_blocks_per_sm = 0;  // 0: as many as fit (codegemm_codebook_mma_set_blocks_per_sm, for plan sweeps)
 
-template <int M, int V, int R, int NT, typename XT, int THREADS = MMA_THREADS>
+template <int M, int V, int R, int NT, typename XT, int THREADS>
 int launch_mma(const void* x, int tokens, int stride_x, const Segments& segs, const void* bias, void* out, float* partial, int n_rows, int num_chunks,
                int groups, int chunks_per_group, int splits, cudaStream_t stream) {
   const int per_split = (num_chunks + splits - 1) / splits;
@@ -391,19 +391,18 @@ int launch_mma(const void* x, int tokens, int stride_x, const Segments& segs, co
 template <int M, int V, typename XT>
 int mma_plan(int r, int tokens, const void* x, int stride_x, const Segments& segs, const void* bias, void* out, float* partial, int n_rows, int num_chunks, int groups,
              int cpg, int splits, cudaStream_t stream) {
-#define CODEGEMM_MMA(RR, NN)                                                                                    \
-  return launch_mma<M, V, RR, NN, XT>(x, tokens, stride_x, segs, bias, out, partial, n_rows, num_chunks, groups, \
-                                      cpg, splits, stream)
+#define CODEGEMM_MMA(RR, NN, THREADS)                                                                            \
+  return launch_mma<M, V, RR, NN, XT, THREADS>(x, tokens, stride_x, segs, bias, out, partial, n_rows, num_chunks, \
+                                               groups, cpg, splits, stream)
   if (tokens <= 8) {
-    if (r >= 4) { CODEGEMM_MMA(4, 1); }
-    if (r == 2) { CODEGEMM_MMA(2, 1); }
-    CODEGEMM_MMA(1, 1);
+    if (r >= 4) { CODEGEMM_MMA(4, 1, MMA_THREADS); }
+    if (r == 2) { CODEGEMM_MMA(2, 1, MMA_THREADS); }
+    CODEGEMM_MMA(1, 1, MMA_THREADS);
   }
   // Two n-tiles: 256-row blocks either way. r >= 2: 8 warps of two m-tiles that share each B fragment (a sixth fewer
   // shared-memory wavefronts at 16 tokens; 244 registers, no spills), the default; r = 1: 16 warps of one.
-  if (r >= 2) return launch_mma<M, V, 2, 2, XT, 256>(x, tokens, stride_x, segs, bias, out, partial, n_rows, num_chunks,
-                                                     groups, cpg, splits, stream);
-  CODEGEMM_MMA(1, 2);
+  if (r >= 2) { CODEGEMM_MMA(2, 2, 256); }
+  CODEGEMM_MMA(1, 2, MMA_THREADS);
 #undef CODEGEMM_MMA
 }
 
