@@ -84,6 +84,24 @@ for name, n, k in [("m1v4g128", 1100, 640), ("m2v8", 77, 384)]:  # psumbook_mma.
         for tiles, splits in [(1, 1), (2, 2), (4, 1), (4, 5)]:
             codebook_mma_cuda(torch.randn(tokens, k, device="cuda", dtype=torch.float16), *tables, None, tiles, splits,
                               tiled=True, psumbook=True)
+from codegemm import CodeGEMMLinear  # a captured graph: the matmuls load weights before waiting (weights_settled)
+for name in ("m2v8g128", "m1v4g128"):
+    cfg = CodebookConfig.from_name(name)
+    chain = [CodeGEMMLinear.from_unpacked(
+        torch.randint(0, 256, (n, 640 // cfg.vec_len, cfg.num_codebooks), device="cuda", dtype=torch.int32).to(torch.uint8),
+        torch.randn(cfg.num_codebooks, 256, cfg.vec_len, device="cuda").half(),
+        torch.rand(n, cfg.num_groups(640), device="cuda").half()).tile_() for n in (640, 640, 1000)]
+    for tokens in (1, 3, 16):
+        x = torch.randn(tokens, 640, device="cuda", dtype=torch.float16)
+        with torch.no_grad():
+            for layer in chain:
+                layer(x[:, :layer.in_features])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = x
+                for layer in chain:
+                    y = layer(y) * 0.05
+            graph.replay()
 torch.cuda.synchronize()
 print("memcheck sweep ran")
 PY

@@ -5,7 +5,7 @@ Build a library of the tree with `CODEGEMM_CUDA_CACHE=DIR python3 -c "from codeg
 build('sm_90')"` (or of an older checkout) and carry it. Each library and variant is checked against the float64
 reference (tails, both dtypes) and for run-to-run equality, then timed on the Llama-3 decoder-block shapes in the
 tiled layout beside fp16 cuBLAS. Env: TOKENS (default 2,4,8,16), CFGS, VARIANTS (comma-separated; default "auto"):
-"auto" is the dispatcher's choice, "mma" forces codebook_mma.cu, "pmma" psumbook_mma.cu (fp16, <= 4 tokens), with
+"auto" is the dispatcher's choice (psumbook.cu at one token), "mma" forces codebook_mma.cu, "pmma" psumbook_mma.cu (fp16, <= 4 tokens), with
 optional suffixes "-tN" (N 16-row tiles per warp), "-sF" (F times the planned splits, e.g. -s2, -s0.5) and "-xN"
 (N token-chunks of activations per split on chip instead of ``mma_x_budget``).
 """
@@ -35,6 +35,8 @@ DEFAULT_X_BUDGET = cu.mma_x_budget
 def variant_call(variant: str, x: torch.Tensor, layer: tuple) -> functools.partial | None:
     """The kernel call a variant names, or None where it does not apply (psumbook_mma.cu: fp16, <= 4 tokens)."""
     kernel, *opts = variant.split("-")
+    if kernel == "auto" and x.shape[0] < cu.MMA_MIN_TOKENS[(layer[1].shape[0], layer[1].shape[2])]:
+        return functools.partial(cu.psumbook_matmul_cuda, x, *layer, None, tiled=True)
     psumbook = {"auto": None, "mma": False, "pmma": True}[kernel]
     if psumbook and not cu.psumbook_mma_fits(x, True):
         return None

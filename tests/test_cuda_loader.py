@@ -137,3 +137,24 @@ def test_built_library_loads_and_declares_its_entry_points(tmp_path, monkeypatch
     lib = cuda.bind_library(cuda.build("sm_90"))
     assert lib.codegemm_error_string(0) == b"no error"
     assert lib.codegemm_psumbook.argtypes == lib.codegemm_codebook_mma.argtypes == lib.codegemm_psumbook_mma.argtypes
+
+
+def test_tables_settled_only_while_capturing_and_unchanged(monkeypatch):
+    from codegemm.ops.cuda import settled
+
+    table = torch.zeros(8)
+    assert not settled.tables_settled([table])  # not capturing (no GPU here)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    fresh = torch.zeros(8)
+    assert not settled.tables_settled([fresh])  # first sight
+    assert settled.tables_settled([fresh]) and settled.tables_settled([table, fresh])
+    fresh[2:4].fill_(1.0)  # an in-place write through a view
+    assert not settled.tables_settled([table, fresh])
+    assert settled.tables_settled([table, fresh])
+    with torch.inference_mode():
+        frozen = torch.zeros(8)
+    assert not settled.tables_settled([frozen]) and not settled.tables_settled([frozen])
+    count = len(settled._versions)
+    del fresh
+    assert len(settled._versions) == count - 1

@@ -268,3 +268,41 @@ def test_bad_input_is_an_error_or_correct():
     for tokens in (1, 20):
         codebook_matmul(torch.randn(tokens, 512, device=DEVICE).half(), bad, books, scales, None, small)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128"])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16])
+def test_graph_of_layers_with_early_weight_loads_equals_eager(name, tokens, monkeypatch):
+    """Captured back to back, each matmul starts while the previous layer's kernels drain and loads its weights
+    before waiting for them (``weights_settled``, codegemm/ops/cuda/settled.py); eager calls wait first. Both
+    must give the same bits."""
+    from codegemm.ops.cuda import settled
+
+    config = CodebookConfig.from_name(name)
+    layers = [CodeGEMMLinear.from_unpacked(*_random_layer(config, 1024, 1024)).tile_() for _ in range(4)]
+    flags: list[bool] = []
+    real = settled.tables_settled
+    monkeypatch.setattr("codegemm.ops.cuda.tables_settled", lambda tables: flags.append(real(tables)) or flags[-1])
+
+    def chain(x: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            x = layer(x) * 0.05
+        return x
+
+    x = torch.randn(tokens, 1024, device=DEVICE, dtype=torch.float16)
+    with torch.no_grad():
+        eager = chain(x)
+        assert flags and not any(flags)
+        flags.clear()
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = chain(static_x)
+        assert flags and all(flags)
+        fresh = torch.randn_like(x)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(static_out, chain(fresh), rtol=0, atol=0)
+        static_x.copy_(x)
+        graph.replay()
+        torch.testing.assert_close(static_out, eager, rtol=0, atol=0)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from codegemm.layout import TILE_BYTES, TILE_CODE_XOR
+from codegemm.ops.cuda.settled import tables_settled
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class _Segments(ctypes.Structure):
                 ("codes", ctypes.c_void_p * MAX_SEGMENTS), ("codebooks", ctypes.c_void_p * MAX_SEGMENTS),
                 ("scales", ctypes.c_void_p * MAX_SEGMENTS), ("code_row", ctypes.c_int * MAX_SEGMENTS),
                 ("code_chunk", ctypes.c_int * MAX_SEGMENTS), ("scale_row", ctypes.c_int * MAX_SEGMENTS),
-                ("scale_group", ctypes.c_int * MAX_SEGMENTS), ("code_xor", ctypes.c_int), ("gate_act", ctypes.c_int)]
+                ("scale_group", ctypes.c_int * MAX_SEGMENTS), ("code_xor", ctypes.c_int), ("gate_act", ctypes.c_int),
+                ("weights_settled", ctypes.c_int)]
 
 
 GATE_ACTS = {"silu": 1, "gelu_tanh": 2}
@@ -94,9 +96,10 @@ def layer_geometry(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.T
 
 def _segments(layers: Sequence[Layer], tiled: bool = False, gate_act: int = 0) -> _Segments:
     """Each layer's tables and their strides (contiguous tensors in the given layout); ``gate_act`` see
-    :data:`GATE_ACTS`."""
+    :data:`GATE_ACTS`; whether the kernels may read the tables early (:func:`tables_settled`)."""
     segs = _Segments()
     segs.count = len(layers)
+    segs.weights_settled = int(tables_settled(table for layer in layers for table in layer))
     segs.gate_act = gate_act
     segs.code_xor = TILE_CODE_XOR if tiled else 0
     row = 0

@@ -7,6 +7,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <utility>
+
+
 // Sibling layers that read the same activations (q/k/v, gate/up), stacked along the output rows so that one
 // launch serves them all: segment s owns rows [start[s], start[s + 1]) of the output and has its own codes,
 // codebooks and scales (same K and scale groups). A single layer is one segment. The launchers refuse segment
@@ -33,6 +36,9 @@ struct Segments {
   // and up projections of equal size, and the output [T][n_rows / 2] holds act(gate) * up, computed by the split-K
   // reduce from the fp32 sums, each rounded to the output dtype first (what the unfused model computes).
   int gate_act;
+  // 1: no kernel just ahead of this launch can have written the tables, so a matmul may read them before it waits
+  // for that kernel (wait_before_weights below). 0: it waits first.
+  int weights_settled;
 
   __host__ __device__ int find(int row) const {
     int s = 0;
@@ -119,6 +125,7 @@ inline bool dependent_launch_supported() {
 template <typename XT>
 __global__ void split_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,
                                     XT* __restrict__ out, int total, int n_rows, int splits) {
+  allow_dependent_launch();  // the next matmul may start its weight-only prologue
   wait_for_primary_grid();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= total) return;
@@ -132,6 +139,7 @@ __global__ void split_reduce_kernel(const float* __restrict__ partial, const XT*
 template <typename XT, int ACT>
 __global__ void gated_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,
                                     XT* __restrict__ out, int tokens, int half, int splits) {
+  allow_dependent_launch();  // the next matmul may start its weight-only prologue
   wait_for_primary_grid();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= tokens * half) return;
@@ -162,26 +170,49 @@ __global__ void gated_reduce_kernel(const float* __restrict__ partial, const XT*
 inline bool needs_reduce(int used_splits, const Segments& segs) { return used_splits > 1 || segs.gate_act != 0; }
 
 // out = sum over splits of partial (+ bias), or its gated form (segs.gate_act); returns the launch's cudaError_t.
+// Launches `kernel` as a programmatic dependent of the work ahead of it on the stream (Hopper and later; a plain
+// launch elsewhere): its blocks may start while that work drains, and must call wait_for_primary_grid before they
+// read anything it may have written.
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                             Args&&... args) {
+  cudaLaunchAttribute dependent;
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &dependent;
+  config.numAttrs = dependent_launch_supported() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// The matmul kernels are launched as dependents too, so a layer's launch, block setup and weight loads overlap the
+// kernel ahead of it (usually the previous layer's reduce). They wait before reading the activations, and before
+// reading their tables as well unless segs.weights_settled: the caller's word that no kernel just ahead of this one
+// can have written them (codegemm/ops/cuda/settled.py). wait_before_weights at the kernel's start,
+// wait_before_activations after its weight-only prologue: exactly one of them waits.
+__device__ __forceinline__ void wait_before_weights(const Segments& segs) {
+  if (!segs.weights_settled) wait_for_primary_grid();
+}
+__device__ __forceinline__ void wait_before_activations(const Segments& segs) {
+  if (segs.weights_settled) wait_for_primary_grid();
+}
+
 template <typename XT>
 int launch_split_reduce(const float* partial, const void* bias, void* out, int tokens, int n_rows, int splits,
                         const Segments& segs, cudaStream_t stream) {
   const int act = segs.gate_act;
   if (act != 0 && (act > 2 || segs.count != 2 || 2 * segs.start[1] != n_rows)) return static_cast<int>(cudaErrorInvalidValue);
   const int total = tokens * (act != 0 ? n_rows / 2 : n_rows);
-  cudaLaunchAttribute dependent;
-  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  dependent.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((total + 255) / 256);
-  config.blockDim = dim3(256);
-  config.stream = stream;
-  config.attrs = &dependent;
-  config.numAttrs = dependent_launch_supported() ? 1 : 0;
+  const dim3 grid((total + 255) / 256), block(256);
   const XT* b = static_cast<const XT*>(bias);
   XT* o = static_cast<XT*>(out);
-  if (act == 1) return static_cast<int>(cudaLaunchKernelEx(&config, gated_reduce_kernel<XT, 1>, partial, b, o, tokens, n_rows / 2, splits));
-  if (act == 2) return static_cast<int>(cudaLaunchKernelEx(&config, gated_reduce_kernel<XT, 2>, partial, b, o, tokens, n_rows / 2, splits));
-  return static_cast<int>(cudaLaunchKernelEx(&config, split_reduce_kernel<XT>, partial, b, o, total, n_rows, splits));
+  if (act == 1) return static_cast<int>(launch_dependent(gated_reduce_kernel<XT, 1>, grid, block, 0, stream, partial, b, o, tokens, n_rows / 2, splits));
+  if (act == 2) return static_cast<int>(launch_dependent(gated_reduce_kernel<XT, 2>, grid, block, 0, stream, partial, b, o, tokens, n_rows / 2, splits));
+  return static_cast<int>(launch_dependent(split_reduce_kernel<XT>, grid, block, 0, stream, partial, b, o, total, n_rows, splits));
 }
 
 }  // namespace

@@ -105,6 +105,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   static_assert(THREADS == 2 * CENTROIDS && (M == 1 || M == 2), "16 warps build 16 centroids each");
   constexpr int JT = 32 / M;
   allow_dependent_launch();  // the split-K reduce may launch now (common.cuh)
+  wait_before_weights(segs);
   constexpr int KT = JT * V;
   constexpr bool TC = tensor_core_build<M, V>();
   constexpr int PARTS = centroid_parts<XT>();
@@ -280,8 +281,9 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   chunk_codes += static_cast<size_t>(chunk_lo) * code_chunk;
   group_scales += static_cast<size_t>(chunk_lo / chunks_per_group) * scale_group * 2;
   uint32_t buf = 0;
+  if (chunk_lo < chunk_hi) fetch_scales();
+  wait_before_activations(segs);
   if (chunk_lo < chunk_hi) {
-    fetch_scales();
     fetch_x(chunk_lo);
     store_x(0);
     if (chunk_lo + 1 < chunk_hi) fetch_x(chunk_lo + 1);
@@ -414,10 +416,9 @@ int launch_psumbook(const void* x, int tokens, int stride_x, const Segments& seg
   const int per_split = (num_chunks + splits - 1) / splits;
   const int used_splits = (num_chunks + per_split - 1) / per_split;
   dim3 grid((n_rows + THREADS / LANES * RPT - 1) / (THREADS / LANES * RPT), used_splits);
-  kernel<<<grid, THREADS, smem, stream>>>(
+  err = launch_dependent(kernel, grid, dim3(THREADS), smem, stream,
       static_cast<const XT*>(x), tokens, stride_x, segs, static_cast<const XT*>(bias), static_cast<XT*>(out),
       needs_reduce(used_splits, segs) ? partial : nullptr, n_rows, num_vectors, groups, vectors_per_group, per_split);
-  err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
   return needs_reduce(used_splits, segs) ? launch_split_reduce<XT>(partial, bias, out, tokens, n_rows, used_splits, segs, stream)
                                          : 0;

@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
   static_assert((M == 2 && V == 8) || (M == 1 && V == 4), "m2v8 or m1v4");
   constexpr bool DOUBLE = double_psumbook(R);
   allow_dependent_launch();  // the split-K reduce may launch now (common.cuh)
+  wait_before_weights(segs);
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* psum = smem;
   uint32_t* xs = reinterpret_cast<uint32_t*>(smem + (DOUBLE ? 2 : 1) * PM_PSUM_BYTES);  // [chunk][token][PM_X_WORDS]
@@ -183,6 +184,7 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
     local_max = max(local_max, abs_bits(bfrag[k]));
   }
   // Stage the split's activations, tokens past `tokens` as zeros.
+  wait_before_activations(segs);
   const uint32_t* x_words = reinterpret_cast<const uint32_t*>(x);
   for (int e = tid; e < nch * PM_TOKENS * 64; e += PM_THREADS) {
     const int cl = e >> 8, t = (e >> 6) & 3, w = e & 63;
@@ -346,11 +348,10 @@ int launch_psumbook_mma(const void* x, int tokens, int stride_x, const Segments&
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
   dim3 grid((n_rows + ROWS - 1) / ROWS, used_splits);
-  kernel<<<grid, PM_THREADS, smem, stream>>>(static_cast<const __half*>(x), tokens, stride_x, segs,
-                                             static_cast<const __half*>(bias), static_cast<__half*>(out),
-                                             needs_reduce(used_splits, segs) ? partial : nullptr, n_rows, num_chunks, chunks_per_group,
-                                             per_split);
-  err = cudaGetLastError();
+  err = launch_dependent(kernel, grid, dim3(PM_THREADS), smem, stream, static_cast<const __half*>(x), tokens, stride_x, segs,
+                      static_cast<const __half*>(bias), static_cast<__half*>(out),
+                      needs_reduce(used_splits, segs) ? partial : nullptr, n_rows, num_chunks, chunks_per_group,
+                      per_split);
   if (err != cudaSuccess) return static_cast<int>(err);
   return needs_reduce(used_splits, segs) ? launch_split_reduce<__half>(partial, bias, out, tokens, n_rows, used_splits, segs, stream)
                                          : 0;
