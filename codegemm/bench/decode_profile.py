@@ -4,6 +4,10 @@ Kernels are grouped by name (quantized matmuls, dense matmuls, attention,
 fused norm/rotary/elementwise code, KV-cache writes, argmax/sampling). The
 step time measured with CUDA events minus the summed kernel time is the time
 the GPU sat idle between kernels (launch gaps inside the graph, host waits).
+Kernels launched as programmatic dependents (the CUDA matmuls and their split-K
+reduces, docs/KERNELS.md v18) start before the kernel ahead of them ends and
+wait on chip, so their durations include that wait and the sum can exceed the
+step: the excess is reported as ``overlap_us`` (and the gap as zero).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def profile_decode(gen: FastGenerator, prompt: torch.Tensor, steps: int = 32) ->
         "step_us": wall_us,
         "kernel_us": busy,
         "gap_us": max(0.0, wall_us - busy),
+        "overlap_us": max(0.0, busy - wall_us),
         "by_category_us": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
         "top_kernels_us": [
             {"name": name[:120], "us": us, "calls_per_step": calls[name] / steps, "category": categorize(name)}
@@ -90,6 +95,9 @@ def format_profile(backend: str, batch: int, report: dict) -> str:
         f"profile {backend} batch {batch}: {report['step_us']:.0f} us/step, kernels {report['kernel_us']:.0f} us, "
         f"idle gaps {report['gap_us']:.0f} us, {report['kernels_per_step']:.0f} kernels/step"
     )
+    if report.get("overlap_us", 0.0) > 0.0:
+        head += (f", kernels overlap by {report['overlap_us']:.0f} us (dependent launches: their time includes "
+                 "waiting for the kernel ahead)")
     lines = [head]
     for label, us in report["by_category_us"].items():
         lines.append(f"  {label:<28} {us:>8.1f} us  {us / report['step_us']:>6.1%}")
