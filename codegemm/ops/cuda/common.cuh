@@ -9,7 +9,6 @@
 
 #include <utility>
 
-
 // Sibling layers that read the same activations (q/k/v, gate/up), stacked along the output rows so that one
 // launch serves them all: segment s owns rows [start[s], start[s + 1]) of the output and has its own codes,
 // codebooks and scales (same K and scale groups). A single layer is one segment. The launchers refuse segment
@@ -169,7 +168,6 @@ __global__ void gated_reduce_kernel(const float* __restrict__ partial, const XT*
 // Whether a launcher must write fp32 partials and run the reduce: K is split, or the output is gated.
 inline bool needs_reduce(int used_splits, const Segments& segs) { return used_splits > 1 || segs.gate_act != 0; }
 
-// out = sum over splits of partial (+ bias), or its gated form (segs.gate_act); returns the launch's cudaError_t.
 // Launches `kernel` as a programmatic dependent of the work ahead of it on the stream (Hopper and later; a plain
 // launch elsewhere): its blocks may start while that work drains, and must call wait_for_primary_grid before they
 // read anything it may have written.
@@ -201,6 +199,7 @@ __device__ __forceinline__ void wait_before_activations(const Segments& segs) {
   if (segs.weights_settled) wait_for_primary_grid();
 }
 
+// out = sum over splits of partial (+ bias), or its gated form (segs.gate_act); returns the launch's cudaError_t.
 template <typename XT>
 int launch_split_reduce(const float* partial, const void* bias, void* out, int tokens, int n_rows, int splits,
                         const Segments& segs, cudaStream_t stream) {
