@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-generate", action="store_true",
                         help="also time transformers' generate (static cache) for the codegemm backend at batch 1")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile decode steps: kernel time by category and idle gaps (CUDA only)")
+                        help="also profile decode steps: kernel time by category, idle gaps, and how much kernels launched "
+                             "as dependents overlap (CUDA only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
 
