@@ -27,7 +27,7 @@ for step in $STEPS; do
   tests)
     echo "== GPU tests"
     python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu_kernels.py tests/test_grouped_gpu.py tests/test_tiled_gpu.py \
-      tests/test_psumbook_mma_gpu.py tests/test_gated_gpu.py tests/test_triton_kernels.py \
+      tests/test_psumbook_mma_gpu.py tests/test_gated_gpu.py tests/test_triton_kernels.py tests/test_cuda_sass_gpu.py \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30 || status=1
     ;;
   memcheck)

@@ -7,7 +7,8 @@ reference (tails, both dtypes) and for run-to-run equality, then timed on the Ll
 tiled layout beside fp16 cuBLAS. Env: TOKENS (default 2,4,8,16), CFGS, VARIANTS (comma-separated; default "auto"):
 "auto" is the dispatcher's choice (psumbook.cu at one token), "mma" forces codebook_mma.cu, "pmma" psumbook_mma.cu (fp16, <= 4 tokens), with
 optional suffixes "-tN" (N 16-row tiles per warp), "-sF" (F times the planned splits, e.g. -s2, -s0.5) and "-xN"
-(N token-chunks of activations per split on chip instead of ``mma_x_budget``).
+(N token-chunks of activations per split on chip instead of ``mma_x_budget``); "auto" at one token takes "-rN" (N
+rows per lane pair) and "-cN" (N chunks per split) instead.
 """
 import functools
 import os
@@ -36,7 +37,14 @@ def variant_call(variant: str, x: torch.Tensor, layer: tuple) -> functools.parti
     """The kernel call a variant names, or None where it does not apply (psumbook_mma.cu: fp16, <= 4 tokens)."""
     kernel, *opts = variant.split("-")
     if kernel == "auto" and x.shape[0] < cu.MMA_MIN_TOKENS[(layer[1].shape[0], layer[1].shape[2])]:
-        return functools.partial(cu.psumbook_matmul_cuda, x, *layer, None, tiled=True)
+        rpt = next((int(o[1:]) for o in opts if o.startswith("r")), None)
+        per_split = next((int(o[1:]) for o in opts if o.startswith("c")), None)
+        splits = None
+        if per_split is not None:
+            num_vectors, m = cu.layer_geometry(*layer, True)[1:3]
+            splits = -(-(num_vectors // (32 // m)) // per_split)
+        return functools.partial(cu.psumbook_matmul_cuda, x, *layer, None, rows_per_thread=rpt, splits=splits,
+                                 tiled=True)
     psumbook = {"auto": None, "mma": False, "pmma": True}[kernel]
     if psumbook and not cu.psumbook_mma_fits(x, True):
         return None

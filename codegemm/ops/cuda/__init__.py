@@ -122,15 +122,17 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def library_path(arch: str) -> pathlib.Path:
+def library_path(arch: str, defines: Sequence[str] = ()) -> pathlib.Path:
     digest = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES)).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("CODEGEMM_CUDA_CACHE", pathlib.Path.home() / ".cache" / "codegemm" / "cuda"))
-    return cache / f"psumbook_{digest}_{arch}.so"
+    variant = "".join(f"_{d.lower()}" for d in defines)
+    return cache / f"psumbook_{digest}_{arch}{variant}.so"
 
 
-def build(arch: str) -> pathlib.Path:
-    """Compile the kernels for ``arch`` (e.g. ``sm_90``) unless the cached library is current."""
-    path = library_path(arch)
+def build(arch: str, defines: Sequence[str] = ()) -> pathlib.Path:
+    """Compile the kernels for ``arch`` (e.g. ``sm_90``) unless the cached library is current. ``defines``: extra
+    preprocessor macros for diagnostic builds (``CODEGEMM_TRACE``: scripts/trace_chain.py), cached apart."""
+    path = library_path(arch, defines)
     if path.exists():
         return path
     nvcc = _nvcc()
@@ -140,7 +142,8 @@ def build(arch: str) -> pathlib.Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     number = arch.split("_")[1]
     cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
-           f"-gencode=arch=compute_{number},code={arch}", "-o", str(tmp), *(str(p) for p in _SOURCES if p.suffix == ".cu")]
+           f"-gencode=arch=compute_{number},code={arch}", *(f"-D{d}" for d in defines), "-o", str(tmp),
+           *(str(p) for p in _SOURCES if p.suffix == ".cu")]
     logger.info("building the CUDA Psumbook kernel: %s", " ".join(cmd))
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(tmp, path)

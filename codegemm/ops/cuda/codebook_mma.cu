@@ -94,11 +94,15 @@ __global__ void __launch_bounds__(THREADS, R == 1 && NT == 1 ? 2 : 1) codebook_m
   // without a branch, and the chunk loop is unrolled by three (below).
   constexpr bool PADDED = NT == 2;
   const int x_rows = PADDED ? 16 : tokens;
+  BlockTrace trace;
   allow_dependent_launch();  // the split-K reduce may launch now (common.cuh)
   // The first codebook is replicated before waiting for the kernel ahead (common.cuh), except with two blocks per SM:
   // at their 64 registers that prologue spilled 84 bytes instead of 12 and cost 1-2% at 5-8 tokens.
   const bool early_codebook = !(R == 1 && NT == 1) && segs.weights_settled;
-  if (!early_codebook) wait_for_primary_grid();
+  if (!early_codebook) {
+    wait_for_primary_grid();
+    trace.waited();
+  }
   constexpr int COPIES = codebook_copies<V>();
   constexpr int CB_BYTES = codebook_bytes<M, V>();
   extern __shared__ __align__(16) uint8_t smem[];
@@ -134,6 +138,7 @@ __global__ void __launch_bounds__(THREADS, R == 1 && NT == 1 ? 2 : 1) codebook_m
       replicate_codebook<M, V, THREADS>(cbs, Segments::pick(segs.codebooks, replicated_seg));
     }
     wait_for_primary_grid();
+    trace.waited();
   }
   for (int item = item_lo; item < item_hi; ++item) {
   const int split = item / row_blocks;
@@ -370,6 +375,7 @@ __global__ void __launch_bounds__(THREADS, R == 1 && NT == 1 ? 2 : 1) codebook_m
         }
       }
   }  // item
+  trace.done(TRACE_CODEBOOK_MMA);
 }
 
 int max_blocks_per_sm = 0;  // 0: as many as fit (codegemm_codebook_mma_set_blocks_per_sm, for plan sweeps)
@@ -437,6 +443,7 @@ int mma_config(int m, int v, int r, int tokens, const void* x, int stride_x, con
 }  // namespace
 
 extern "C" {
+CODEGEMM_TRACE_SETTER(codegemm_trace_set_codebook_mma)
 
 // m2v8 / m1v4 with 8-bit codes, fp16 codebooks and scales; 1-16 tokens; K a multiple of 128 and scale groups
 // a multiple of 128 inputs (chunks_per_group chunks each; per-row scales: groups = 1, chunks_per_group =

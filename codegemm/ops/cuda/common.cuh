@@ -113,6 +113,55 @@ __device__ __forceinline__ void wait_for_primary_grid() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// Per-block timestamps (%globaltimer) for scripts/trace_chain.py, which builds the library with -DCODEGEMM_TRACE and
+// splits a chain of layer calls into each kernel's body and the hand-offs between kernels. Without the macro every
+// member is empty and compiles away. A block's thread 0 records (kind, grid size, block) and three times: its start,
+// the end of its wait for the kernel ahead, its end; each translation unit keeps its own buffer (trace_set below).
+enum TraceKind { TRACE_PSUMBOOK = 1, TRACE_CODEBOOK_MMA = 2, TRACE_PSUMBOOK_MMA = 3, TRACE_REDUCE = 4, TRACE_GATED_REDUCE = 5 };
+#ifdef CODEGEMM_TRACE
+__device__ unsigned long long* trace_buffer;  // 4 words per record
+__device__ unsigned trace_capacity;
+__device__ unsigned trace_length;
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+struct BlockTrace {
+  unsigned long long start, waited_at = 0;
+  __device__ BlockTrace() : start(global_ns()) {}
+  __device__ void waited() { waited_at = global_ns(); }
+  __device__ void done(TraceKind kind) const {
+    if (threadIdx.x != 0 || trace_buffer == nullptr) return;
+    const unsigned long long end = global_ns();
+    const unsigned slot = atomicAdd(&trace_length, 1u);
+    if (slot >= trace_capacity) return;
+    unsigned long long* r = trace_buffer + 4ull * slot;
+    r[0] = (static_cast<unsigned long long>(kind) << 48) |
+           (static_cast<unsigned long long>(gridDim.x * gridDim.y) << 24) | (blockIdx.y * gridDim.x + blockIdx.x);
+    r[1] = start;
+    r[2] = waited_at;
+    r[3] = end;
+  }
+};
+// Points this translation unit's kernels at `buffer` (capacity records, 4 words each) and empties it.
+inline int trace_set(void* buffer, unsigned capacity) {
+  unsigned zero = 0;
+  cudaError_t err = cudaMemcpyToSymbol(trace_buffer, &buffer, sizeof(buffer));
+  if (err == cudaSuccess) err = cudaMemcpyToSymbol(trace_capacity, &capacity, sizeof(capacity));
+  if (err == cudaSuccess) err = cudaMemcpyToSymbol(trace_length, &zero, sizeof(zero));
+  return static_cast<int>(err);
+}
+#define CODEGEMM_TRACE_SETTER(name) \
+  int name(void* buffer, unsigned capacity) { return trace_set(buffer, capacity); }
+#else
+struct BlockTrace {
+  __device__ void waited() {}
+  __device__ void done(TraceKind) const {}
+};
+#define CODEGEMM_TRACE_SETTER(name)
+#endif
+
 // Whether the current device takes programmatic dependent launches (compute capability 9.0 and later).
 inline bool dependent_launch_supported() {
   int device = 0, major = 0;
@@ -124,22 +173,27 @@ inline bool dependent_launch_supported() {
 template <typename XT>
 __global__ void split_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,
                                     XT* __restrict__ out, int total, int n_rows, int splits) {
+  BlockTrace trace;
   allow_dependent_launch();  // the next matmul may start its weight-only prologue
   wait_for_primary_grid();
+  trace.waited();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= total) return;
   float s = 0.f;
   for (int k = 0; k < splits; ++k) s += partial[static_cast<size_t>(k) * total + i];
   if (bias != nullptr) s += to_float(bias[i % n_rows]);
   out[i] = from_float<XT>(s);
+  trace.done(TRACE_REDUCE);
 }
 
 // The gate_act reduce: out[t][j] = act(gate) * up from the gate row j and the up row half + j of every split.
 template <typename XT, int ACT>
 __global__ void gated_reduce_kernel(const float* __restrict__ partial, const XT* __restrict__ bias,
                                     XT* __restrict__ out, int tokens, int half, int splits) {
+  BlockTrace trace;
   allow_dependent_launch();  // the next matmul may start its weight-only prologue
   wait_for_primary_grid();
+  trace.waited();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= tokens * half) return;
   const int t = i / half, j = i - t * half;
@@ -163,6 +217,7 @@ __global__ void gated_reduce_kernel(const float* __restrict__ partial, const XT*
     act = 0.5f * gate * (1.f + tanhf(0.7978845608028654f * (gate + 0.044715f * gate * gate * gate)));
   }
   out[i] = from_float<XT>(act * up);
+  trace.done(TRACE_GATED_REDUCE);
 }
 
 // Whether a launcher must write fp32 partials and run the reduce: K is split, or the output is gated.
@@ -192,11 +247,31 @@ cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, s
 // reading their tables as well unless segs.weights_settled: the caller's word that no kernel just ahead of this one
 // can have written them (codegemm/ops/cuda/settled.py). wait_before_weights at the kernel's start,
 // wait_before_activations after its weight-only prologue: exactly one of them waits.
-__device__ __forceinline__ void wait_before_weights(const Segments& segs) {
-  if (!segs.weights_settled) wait_for_primary_grid();
+__device__ __forceinline__ void wait_before_weights(const Segments& segs, BlockTrace& trace) {
+  if (!segs.weights_settled) {
+    wait_for_primary_grid();
+    trace.waited();
+  }
 }
-__device__ __forceinline__ void wait_before_activations(const Segments& segs) {
-  if (segs.weights_settled) wait_for_primary_grid();
+__device__ __forceinline__ void wait_before_activations(const Segments& segs, BlockTrace& trace) {
+  if (segs.weights_settled) {
+    wait_for_primary_grid();
+    trace.waited();
+  }
+}
+
+// Loads of a layer's tables (codebooks, scales) in a kernel that may read them before wait_before_activations: a
+// volatile load stays after wait_before_weights as written. __ldg did not: it is an invariant load, which the compiler
+// hoisted above that wait even with unsettled tables, i.e. while the kernel ahead might still be writing them.
+__device__ __forceinline__ uint32_t load_table_word(const uint32_t* p) {
+  uint32_t r;
+  asm volatile("ld.global.u32 %0, [%1];" : "=r"(r) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ __half load_table_half(const __half* p) {
+  unsigned short r;
+  asm volatile("ld.global.u16 %0, [%1];" : "=h"(r) : "l"(p));
+  return __ushort_as_half(r);
 }
 
 // out = sum over splits of partial (+ bias), or its gated form (segs.gate_act); returns the launch's cudaError_t.

@@ -104,8 +104,9 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
     int vectors_per_group, int chunks_per_split) {
   static_assert(THREADS == 2 * CENTROIDS && (M == 1 || M == 2), "16 warps build 16 centroids each");
   constexpr int JT = 32 / M;
+  BlockTrace trace;
   allow_dependent_launch();  // the split-K reduce may launch now (common.cuh)
-  wait_before_weights(segs);
+  wait_before_weights(segs, trace);
   constexpr int KT = JT * V;
   constexpr bool TC = tensor_core_build<M, V>();
   constexpr int PARTS = centroid_parts<XT>();
@@ -171,7 +172,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int i = 0; i < 2; ++i)
-        centroid_words<XT>(__ldg(book_words + (i * CENTROIDS + (tid >> 5) * 16 + nt * 8 + g) * (V / 2) + tq),
+        centroid_words<XT>(load_table_word(book_words + (i * CENTROIDS + (tid >> 5) * 16 + nt * 8 + g) * (V / 2) + tq),
                            bfrag[nt][i]);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -232,8 +233,8 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   auto fetch_scales = [&]() {
 #pragma unroll
     for (int r = 0; r < RPT; r += 2)
-      next_scale[r / 2] = __halves2half2(__ldg(reinterpret_cast<const __half*>(group_scales + scale_off[r])),
-                                         __ldg(reinterpret_cast<const __half*>(group_scales + scale_off[r + 1])));
+      next_scale[r / 2] = __halves2half2(load_table_half(reinterpret_cast<const __half*>(group_scales + scale_off[r])),
+                                         load_table_half(reinterpret_cast<const __half*>(group_scales + scale_off[r + 1])));
   };
   auto fetch_x = [&](int chunk) {
 #pragma unroll
@@ -282,7 +283,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   group_scales += static_cast<size_t>(chunk_lo / chunks_per_group) * scale_group * 2;
   uint32_t buf = 0;
   if (chunk_lo < chunk_hi) fetch_scales();
-  wait_before_activations(segs);
+  wait_before_activations(segs, trace);
   if (chunk_lo < chunk_hi) {
     fetch_x(chunk_lo);
     store_x(0);
@@ -399,6 +400,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
       }
     }
   }
+  trace.done(TRACE_PSUMBOOK);
 }
 
 template <int M, int V, int RPT, int MAXT, int LANES, typename XT>
@@ -476,5 +478,6 @@ int codegemm_psumbook(int dtype, int m, int v, int rpt, int tokens, const void* 
   return -1;
 }
 
+CODEGEMM_TRACE_SETTER(codegemm_trace_set_psumbook)
 const char* codegemm_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
 }

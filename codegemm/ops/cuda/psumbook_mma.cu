@@ -116,8 +116,9 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
     int chunks_per_group, int chunks_per_split) {
   static_assert((M == 2 && V == 8) || (M == 1 && V == 4), "m2v8 or m1v4");
   constexpr bool DOUBLE = double_psumbook(R);
+  BlockTrace trace;
   allow_dependent_launch();  // the split-K reduce may launch now (common.cuh)
-  wait_before_weights(segs);
+  wait_before_weights(segs, trace);
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* psum = smem;
   uint32_t* xs = reinterpret_cast<uint32_t*>(smem + (DOUBLE ? 2 : 1) * PM_PSUM_BYTES);  // [chunk][token][PM_X_WORDS]
@@ -176,15 +177,15 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
   for (int k = 0; k < NB; ++k) {
     if constexpr (M == 2) {
       const int c = 8 * (4 * (warp & 7) + k) + g;
-      bfrag[k] = __ldg(book_words + ((warp >> 3) * 256 + c) * 4 + q);
+      bfrag[k] = load_table_word(book_words + ((warp >> 3) * 256 + c) * 4 + q);
     } else {
       const int c = 8 * (2 * warp + k) + g;
-      bfrag[k] = q < 2 ? __ldg(book_words + c * 2 + q) : 0u;
+      bfrag[k] = q < 2 ? load_table_word(book_words + c * 2 + q) : 0u;
     }
     local_max = max(local_max, abs_bits(bfrag[k]));
   }
   // Stage the split's activations, tokens past `tokens` as zeros.
-  wait_before_activations(segs);
+  wait_before_activations(segs, trace);
   const uint32_t* x_words = reinterpret_cast<const uint32_t*>(x);
   for (int e = tid; e < nch * PM_TOKENS * 64; e += PM_THREADS) {
     const int cl = e >> 8, t = (e >> 6) & 3, w = e & 63;
@@ -333,6 +334,7 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
         out[static_cast<size_t>(t) * n_rows + n] = __float2half_rn(v + (bias != nullptr ? __half2float(bias[n]) : 0.f));
       }
     }
+  trace.done(TRACE_PSUMBOOK_MMA);
 }
 
 template <int M, int V, int R>
@@ -373,6 +375,7 @@ int psumbook_mma_plan(int r, const void* x, int tokens, int stride_x, const Segm
 }  // namespace
 
 extern "C" {
+CODEGEMM_TRACE_SETTER(codegemm_trace_set_psumbook_mma)
 
 // fp16 activations (dtype 0 only), 1-4 tokens, m2v8 / m1v4 with 8-bit codes, fp16 codebooks and scales in the tiled
 // layout (segs.code_xor == 15), K a multiple of 128, scale groups multiples of 128 inputs (chunks_per_group chunks
