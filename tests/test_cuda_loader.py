@@ -17,6 +17,14 @@ def test_library_path_names_source_hash_and_arch(tmp_path, monkeypatch):
     assert cuda.library_path("sm_80") != path
 
 
+def test_diagnostic_builds_are_cached_apart(tmp_path, monkeypatch):
+    """A -DCODEGEMM_TRACE library (scripts/trace_chain.py) must never be loaded as the plain one, or back."""
+    monkeypatch.setenv("CODEGEMM_CUDA_CACHE", str(tmp_path))
+    traced = cuda.library_path("sm_90", ("CODEGEMM_TRACE",))
+    assert traced != cuda.library_path("sm_90")
+    assert traced.name == cuda.library_path("sm_90").name.replace(".so", "_codegemm_trace.so")
+
+
 def test_build_without_nvcc_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CODEGEMM_CUDA_CACHE", str(tmp_path))
     monkeypatch.setattr(cuda, "_nvcc", lambda: None)
