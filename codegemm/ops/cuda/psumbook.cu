@@ -214,8 +214,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   // The chunk's code and scale tables advance by pointer steps. Scales are loaded one chunk ahead (v13): the
   // compiler converts them to fp32 right after their loads, which stalled each chunk's build on their latency.
   uint32_t word[RPT][WORDS];
-  static_assert(RPT % 2 == 0, "scales are prefetched in pairs");
-  __half2 scale[RPT / 2], next_scale[RPT / 2];  // two rows' scales per register
+  uint32_t scale[RPT], next_scale[RPT];  // fp16 bits (load_table_half_bits)
   XT xr[XPT];
   const char* chunk_codes = reinterpret_cast<const char*>(codes);
   const char* group_scales = reinterpret_cast<const char*>(scales);
@@ -232,9 +231,8 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   };
   auto fetch_scales = [&]() {
 #pragma unroll
-    for (int r = 0; r < RPT; r += 2)
-      next_scale[r / 2] = __halves2half2(load_table_half(reinterpret_cast<const __half*>(group_scales + scale_off[r])),
-                                         load_table_half(reinterpret_cast<const __half*>(group_scales + scale_off[r + 1])));
+    for (int r = 0; r < RPT; ++r)
+      next_scale[r] = load_table_half_bits(reinterpret_cast<const __half*>(group_scales + scale_off[r]));
   };
   auto fetch_x = [&](int chunk) {
 #pragma unroll
@@ -294,7 +292,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
     const int xb = (chunk - chunk_lo) & 1;
     fetch_codes();
 #pragma unroll
-    for (int r = 0; r < RPT / 2; ++r) scale[r] = next_scale[r];
+    for (int r = 0; r < RPT; ++r) scale[r] = next_scale[r];
     chunk_codes += code_chunk;
     if (++in_group == chunks_per_group) { in_group = 0; group_scales += scale_group * 2; }
     if (chunk + 1 < chunk_hi) fetch_scales();
@@ -378,7 +376,7 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
         }
       }
 #pragma unroll
-      for (int r = 0; r < RPT; ++r) acc[r][t] = fmaf(sum[r], r % 2 ? __high2float(scale[r / 2]) : __low2float(scale[r / 2]), acc[r][t]);
+      for (int r = 0; r < RPT; ++r) acc[r][t] = fmaf(sum[r], half_bits_to_float(scale[r]), acc[r][t]);
       if constexpr (DOUBLE_PSUM) buf ^= 1u;
     }
   }
