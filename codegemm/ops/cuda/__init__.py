@@ -259,9 +259,11 @@ def plan_cuda(tokens: int, n: int, num_vectors: int, m: int, device: torch.devic
         # Too few blocks of one chunk to give every SM one: 512-row blocks (v12, H200: 4096x4096 6.4 -> 5.7 µs).
         rpt, blocks = 2, -(-n // (_THREADS // lanes * 2))
     if tokens == 1:
-        # Swept on an H200 for v12 (docs/KERNELS.md; 1, 2, 3, 4, 6, 8 chunks per block on every benchmark
-        # shape): as few chunks per block as fill one wave of two blocks per SM, at most four.
-        per_split = min(4, -(-blocks * chunks // (2 * sm_count(device))))
+        # Swept on an H200 for v12 and v20 (docs/KERNELS.md; 1, 2, 3, 4, 6, 8 chunks per block on every benchmark
+        # shape): as few chunks per block as fill one wave of two blocks per SM, if that takes at most eight
+        # (Llama-3-70B down, 28672x8192: 7, 23.5 vs 25.0 us at four); otherwise four, in several waves.
+        per_split = -(-blocks * chunks // (2 * sm_count(device)))
+        per_split = per_split if per_split <= 8 else 4
         return rpt, -(-chunks // per_split)
     # Measured on an H200 for v3 (docs/KERNELS.md): one or two chunks per block wins; many small blocks keep
     # every SM's shared-memory pipe busy.
