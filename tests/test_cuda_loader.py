@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -104,16 +106,27 @@ def test_mma_block_rows_above_eight_tokens_ignore_the_tiles():
 
 @pytest.mark.parametrize("tokens", [1, 4, 16])
 def test_plan_fills_the_gpu_within_the_chunks(tokens):
-    for n, k in [(4096, 4096), (57344, 8192), (512, 128)]:
+    for n, k in [(4096, 4096), (57344, 8192), (512, 128), (8192, 28672)]:
         rpt, splits = cuda.plan_cuda(tokens, n, k // 8, 2, torch.device("cpu"))
         assert rpt in (2, 4, 8)
         assert 1 <= splits <= k // 8 // 16
-        if tokens == 1:  # one to four chunks per block, at most one wave of two blocks per SM unless at four
+        if tokens == 1:  # up to eight chunks per block in one wave of two blocks per SM, else at most four
             chunks = k // 8 // 16
             per_split = -(-chunks // splits)
-            assert 1 <= per_split <= 4
+            assert 1 <= per_split <= 8
             blocks = -(-n // cuda.psumbook_rows_per_block(1, rpt)) * splits
-            assert per_split == 4 or blocks <= 2 * sm_count(torch.device("cpu")) or per_split == 1
+            one_wave = blocks <= 2 * sm_count(torch.device("cpu"))
+            assert per_split == 4 or one_wave or per_split == 1
+            assert per_split <= 4 or one_wave
+
+
+def test_one_token_plan_of_the_benchmark_layers():
+    """The one-token splits swept on an H200 (docs/KERNELS.md, v12 and v20): Llama-3-70B down takes seven chunks per
+    block in one wave, gate_up four in several waves."""
+    with mock.patch("codegemm.ops.triton_psumbook.sm_count", return_value=132):
+        assert cuda.plan_cuda(1, 8192, 28672 // 8, 2, torch.device("cpu")) == (4, 32)
+        assert cuda.plan_cuda(1, 57344, 8192 // 8, 2, torch.device("cpu")) == (4, 16)
+        assert cuda.plan_cuda(1, 4096, 4096 // 8, 2, torch.device("cpu")) == (2, 32)
 
 
 def test_psumbook_mma_plan_stages_at_most_four_chunks_and_fills_the_gpu():
