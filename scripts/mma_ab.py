@@ -4,7 +4,8 @@ Usage (device machine): python3 scripts/mma_ab.py NAME=LIB.so [NAME=LIB.so ...]
 Build a library of the tree with `CODEGEMM_CUDA_CACHE=DIR python3 -c "from codegemm.ops.cuda import build;
 build('sm_90')"` (or of an older checkout) and carry it. Each library and variant is checked against the float64
 reference (tails, both dtypes) and for run-to-run equality, then timed on the Llama-3 decoder-block shapes in the
-tiled layout beside fp16 cuBLAS. Env: TOKENS (default 2,4,8,16), CFGS, VARIANTS (comma-separated; default "auto"):
+tiled layout beside cuBLAS in the same dtype. Env: DTYPE of the timed activations (float16, the default, or
+bfloat16), TOKENS (default 2,4,8,16), CFGS, VARIANTS (comma-separated; default "auto"):
 "auto" is the dispatcher's choice (psumbook.cu at one token), "mma" forces codebook_mma.cu, "pmma" psumbook_mma.cu (fp16, <= 4 tokens), with
 optional suffixes "-tN" (N 16-row tiles per warp), "-sF" (F times the planned splits, e.g. -s2, -s0.5) and "-xN"
 (N token-chunks of activations per split on chip instead of ``mma_x_budget``); "auto" at one token takes "-rN" (N
@@ -30,6 +31,7 @@ gen = torch.Generator(device=dev).manual_seed(0)
 tokens_list = [int(t) for t in os.environ.get("TOKENS", "2,4,8,16").split(",")]
 cfgs = os.environ.get("CFGS", "m2v8g128,m1v4g128").split(",")
 variants = os.environ.get("VARIANTS", "auto").split(",")
+timed_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[os.environ.get("DTYPE", "float16")]
 DEFAULT_X_BUDGET = cu.mma_x_budget
 
 
@@ -94,8 +96,8 @@ shapes = {"8B": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
 sums: dict[tuple[str, int, str], float] = {}
 for model, block in shapes.items():
     for k, n in block:
-        weights = [torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02 for _ in range(rotation_count(n * k * 2))]
-        xs = {t: torch.randn(t, k, device=dev, dtype=torch.float16) for t in tokens_list}
+        weights = [torch.randn(n, k, device=dev, dtype=timed_dtype) * 0.02 for _ in range(rotation_count(n * k * 2))]
+        xs = {t: torch.randn(t, k, device=dev, dtype=timed_dtype) for t in tokens_list}
         for t in tokens_list:
             us = time_calls([functools.partial(F.linear, xs[t], w) for w in weights]).median_us
             sums[(model, t, "fp16")] = sums.get((model, t, "fp16"), 0.0) + us
