@@ -161,8 +161,8 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   }
   // Tensor-core build: warp w computes centroids 16 w .. 16 w + 15 (two 8-centroid n-tiles) of both codebooks
   // for all 16 vectors of the chunk. Its B fragments (centroid halves) are loaded once per block. The lane's four
-  // results per (n-tile, centroid) belong to (vector g or g + 8) x (codebook 0 or 1); lane tq stores them rotated
-  // by tq, so every warp-wide store hits 32 distinct banks (bank = 2 * vector + codebook).
+  // results per (n-tile, centroid) belong to (vector g or g + 8) x (codebook 0 or 1); lane tq stores them permuted
+  // by tq (result k ^ tq at store k), so every warp-wide store hits 32 distinct banks (bank = 2 * vector + codebook).
   const int g = (tid & 31) >> 2, tq = tid & 3;
   uint32_t bfrag[2][2][PARTS];
   uint32_t store_off[4];
@@ -171,12 +171,13 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        centroid_words<XT>(load_table_word(book_words + (i * CENTROIDS + (tid >> 5) * 16 + nt * 8 + g) * (V / 2) + tq),
+      for (int i = 0; i < 2; ++i)  // B column g holds codebook i ^ ((g >> 1) & 1): see the stores below
+        centroid_words<XT>(load_table_word(book_words + ((i ^ ((g >> 1) & 1)) * CENTROIDS + (tid >> 5) * 16 + nt * 8 + g) *
+                                                            (V / 2) + tq),
                            bfrag[nt][i]);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int r = (tq + k) & 3;  // result r: vector g + 8 * (r >> 1), codebook r & 1
+      const int r = k ^ tq;  // result r: vector g + 8 * (r >> 1), codebook r & 1
       store_off[k] = static_cast<uint32_t>(((tid >> 5) * 16 + 2 * tq) * PSUM_ROW + 2 * g + 16 * (r >> 1) + (r & 1));
     }
   }
@@ -320,8 +321,10 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
             for (int part = 0; part < PARTS; ++part) mma_m16n8k8<XT>(d[i], a0, a1, bfrag[nt][i][part]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {  // centroid 2 * tq + e of the n-tile
-            float v0 = d[0][e], v1 = d[1][e], v2 = d[0][2 + e], v3 = d[1][2 + e];  // results r = 0 .. 3
-            if (tq & 1) { const float w = v0; v0 = v1; v1 = v2; v2 = v3; v3 = w; }
+            // Store k writes result k ^ tq, so a warp's 32 stores hit 32 banks. The codebook half of that XOR is
+            // free: lanes with odd tq receive the columns whose B fragments hold the codebooks swapped, so their
+            // d[0] is codebook 1. Only the vector half takes selects (v20: 16 per chunk instead of 32).
+            float v0 = d[0][e], v1 = d[1][e], v2 = d[0][2 + e], v3 = d[1][2 + e];  // results r = (0 .. 3) ^ (tq & 1)
             if (tq & 2) { float w = v0; v0 = v2; v2 = w; w = v1; v1 = v3; v3 = w; }
             float* out_e = pbuf + (nt * 8 + e) * PSUM_ROW;
             out_e[store_off[0]] = v0;
