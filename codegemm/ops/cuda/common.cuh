@@ -268,11 +268,6 @@ __device__ __forceinline__ uint32_t load_table_word(const uint32_t* p) {
   asm volatile("ld.global.u32 %0, [%1];" : "=r"(r) : "l"(p));
   return r;
 }
-__device__ __forceinline__ __half load_table_half(const __half* p) {
-  unsigned short r;
-  asm volatile("ld.global.u16 %0, [%1];" : "=h"(r) : "l"(p));
-  return __ushort_as_half(r);
-}
 // An fp16 table value (a group scale) as raw bits in a 32-bit register, for a kernel that loads it chunks ahead:
 // converted (half_bits_to_float) where it is used. Loaded as a __half, it was packed or converted right after
 // its load, and that instruction waited on the DRAM round trip: the one-token kernel's largest stall (v20).

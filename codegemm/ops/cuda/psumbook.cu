@@ -212,8 +212,8 @@ __global__ void __launch_bounds__(THREADS, MAXT == 1 && RPT <= 4 ? 2 : 1) psumbo
   // build; the next chunk's activations are prefetched. (v3-v5 also prefetched the next chunk's codes: worth
   // 1.5%, and the registers it held made the one-token plan spill.)
   constexpr int XPT = (MAXT * KT + THREADS - 1) / THREADS;
-  // The chunk's code and scale tables advance by pointer steps. Scales are loaded one chunk ahead (v13): the
-  // compiler converts them to fp32 right after their loads, which stalled each chunk's build on their latency.
+  // The chunk's code and scale tables advance by pointer steps. Scales are loaded one chunk ahead (v13) as raw
+  // fp16 bits and converted only after the chunk's gathers (v20), so their DRAM latency hides behind a chunk.
   uint32_t word[RPT][WORDS];
   uint32_t scale[RPT], next_scale[RPT];  // fp16 bits (load_table_half_bits)
   XT xr[XPT];
