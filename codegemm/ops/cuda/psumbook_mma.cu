@@ -19,8 +19,9 @@
 // Bank-conflict freedom. Table t of code c is at byte c * 256 + 8 * slot(t) + 4 * p, tokens in the order 0, 2, 1, 3
 // (p = 0: tokens 0 and 2; p = 1: tokens 1 and 3). Gathers: lane (g, q) of a 16-row tile reads 8 code bytes of rows
 // g and g + 8 (the tiled layout's swizzle puts table 8 (q ^ h) + (j ^ g) at register byte j of row g + 8 h), and
-// slot() maps the 16 tables a half warp reads at one step to 16 distinct bank pairs. Builds: lane q stores the
-// results of m-tile (i + q) % 4 at store i (a rotation by q), which slot() maps to distinct banks as well.
+// slot() maps the 16 tables a half warp reads at one step to 16 distinct bank pairs. Builds: m2v8 lane q stores
+// m-tile i ^ (q & 2) of codebook (w / 8) ^ (q & 1) at store i (the codebook chosen by its B fragment, the m-tile
+// by a swap in registers); m1v4 lane q stores m-tile (i + q) % 4 (a rotation). slot() maps both to 32 banks.
 // Splits of K write fp32 partials that the reduce kernel of common.cuh sums in split order: bit-identical reruns.
 
 #include <cuda_fp16.h>
@@ -39,13 +40,14 @@ constexpr int PM_MAX_CHUNKS = 4;                // chunks per split (the activat
 constexpr int PM_X_BYTES = PM_MAX_CHUNKS * PM_TOKENS * PM_X_WORDS * 4;
 
 // Slot of table t in a code's 256-byte row: bit 2 of t goes to the top, and for m2v8 (table = 2 * vector +
-// codebook) bit 0 is xored with it. Linear over GF(2). Its low four bits (the bank pair) are distinct on the 16
-// tables with a fixed bit 2 (one gather step of a half warp) and, for m2v8, on the 16 tables of one codebook (one
-// build store of a warp); for m1v4 a build store covers the 16 tables with a fixed bit 2 too.
+// codebook) bit 3 is xored with it. Linear over GF(2). Its low four bits (the bank pair) are distinct on the 16
+// tables with a fixed bit 2 (one gather step of a half warp) and, for m2v8, on the 16 tables with a fixed bit 3
+// (one build store of a warp: both codebooks, m-tiles i and i ^ 2); for m1v4 a build store covers the 16 tables
+// with a fixed bit 2.
 template <int M>
 __host__ __device__ constexpr uint32_t slot(uint32_t t) {
-  return (((t >> 2) & 1u) << 4) | (((t >> 4) & 1u) << 3) | (((t >> 3) & 1u) << 2) | (((t >> 1) & 1u) << 1) |
-         ((t ^ (M == 2 ? t >> 2 : 0u)) & 1u);
+  return (((t >> 2) & 1u) << 4) | (((t >> 4) & 1u) << 3) | ((((t >> 3) ^ (M == 2 ? t >> 2 : 0u)) & 1u) << 2) |
+         (((t >> 1) & 1u) << 1) | (t & 1u);
 }
 
 __device__ __forceinline__ void mma_k8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b) {
@@ -165,8 +167,10 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
       }
   };
 
-  // Build role. m2v8: warp w makes codebook w / 8's centroids 32 (w % 8) .. + 31 (four n-tiles of 8) for the
-  // chunk's 16 vectors x 4 tokens (four m-tiles: rows 4 * token + vector % 4 of vectors 4 mt .. 4 mt + 3).
+  // Build role. m2v8: warp w makes centroids 32 (w % 8) .. + 31 (four n-tiles of 8) for the chunk's 16 vectors x
+  // 4 tokens (four m-tiles: rows 4 * token + vector % 4 of vectors 4 mt .. 4 mt + 3), codebook w / 8 in the
+  // n-tiles' columns 0, 1, 4, 5 and the other one in columns 2, 3, 6, 7: lane (g, q)'s results are then of codebook
+  // (w / 8) ^ (q & 1), which halves the selects that spread a warp's stores over the banks.
   // m1v4: warp w makes centroids 16 w .. 16 w + 15 (two n-tiles) for the 32 vectors (eight m-tiles; k = 4..7 zero).
   constexpr int NB = M == 2 ? 4 : 2;   // n-tiles per warp
   constexpr int MT = M == 2 ? 4 : 8;   // m-tiles per chunk
@@ -177,7 +181,7 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
   for (int k = 0; k < NB; ++k) {
     if constexpr (M == 2) {
       const int c = 8 * (4 * (warp & 7) + k) + g;
-      bfrag[k] = load_table_word(book_words + ((warp >> 3) * 256 + c) * 4 + q);
+      bfrag[k] = load_table_word(book_words + (((warp >> 3) ^ ((g >> 1) & 1)) * 256 + c) * 4 + q);
     } else {
       const int c = 8 * (2 * warp + k) + g;
       bfrag[k] = q < 2 ? load_table_word(book_words + c * 2 + q) : 0u;
@@ -200,16 +204,17 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
     bfrag[k] = *reinterpret_cast<const uint32_t*>(&b);
   }
   // Build stores: lane (g, q) holds rows g (token g / 4) and g + 8 (token g / 4 + 2) of vector g % 4 of an m-tile
-  // and centroids 2 q, 2 q + 1 of an n-tile; store i writes m-tile (i + q) % 4 (of a group of four for m1v4).
+  // and centroids 2 q, 2 q + 1 of an n-tile; store i writes m-tile i ^ (q & 2) for m2v8 (codebook (w / 8) ^ (q & 1)),
+  // (i + q) % 4 of a group of four for m1v4.
   const uint32_t vl = g & 3, pair = g >> 2;
   uint32_t store_at[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t mt = (i + q) & 3;
     if constexpr (M == 2) {
       const uint32_t c0 = 32 * (warp & 7) + 2 * q;
-      store_at[i] = c0 * 256 + 8 * (slot<M>(8 * mt) ^ slot<M>(2 * vl + (warp >> 3))) + 4 * pair;
+      store_at[i] = c0 * 256 + 8 * slot<M>(8 * (i ^ (q & 2)) + 2 * vl + ((warp >> 3) ^ (q & 1))) + 4 * pair;
     } else {
+      const uint32_t mt = (i + q) & 3;
       const uint32_t c0 = 16 * warp + 2 * q;
       store_at[i] = c0 * 256 + 8 * (slot<M>(8 * mt) ^ slot<M>(vl)) + 4 * pair;  // m-tile 2 mt (+ 1: slot 16 on)
     }
@@ -281,7 +286,16 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
           uint32_t w[4];
 #pragma unroll
           for (int u = 0; u < 4; ++u) w[u] = pack_half2(d[u][j], d[u][j + 2]);
-          rotate4(w, q);
+          if constexpr (M == 2) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const uint32_t lo = w[i], hi = w[i + 2];
+              w[i] = (q & 2) ? hi : lo;
+              w[i + 2] = (q & 2) ? lo : hi;
+            }
+          } else {
+            rotate4(w, q);
+          }
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             *reinterpret_cast<uint32_t*>(pb + store_at[i] + (8 * k + j) * 256 + group * 128) = w[i];
