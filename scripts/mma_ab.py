@@ -7,7 +7,8 @@ reference (tails, both dtypes) and for run-to-run equality, then timed on the Ll
 tiled layout beside cuBLAS in the same dtype. Env: DTYPE of the timed activations (float16, the default, or
 bfloat16), TOKENS (default 2,4,8,16), CFGS, VARIANTS (comma-separated; default "auto"):
 "auto" is the dispatcher's choice (psumbook.cu at one token), "mma" forces codebook_mma.cu, "pmma" psumbook_mma.cu (fp16, <= 4 tokens), with
-optional suffixes "-tN" (N 16-row tiles per warp), "-sF" (F times the planned splits, e.g. -s2, -s0.5) and "-xN"
+optional suffixes "-tN" (N 16-row tiles per warp), "-sF" (F times the planned splits, e.g. -s2, -s0.5), "-cN" (N
+chunks of 128 inputs per split) and "-xN"
 (N token-chunks of activations per split on chip instead of ``mma_x_budget``); "auto" at one token takes "-rN" (N
 rows per lane pair) and "-cN" (N chunks per split) instead.
 """
@@ -54,8 +55,11 @@ def variant_call(variant: str, x: torch.Tensor, layer: tuple) -> functools.parti
     factor = next((float(o[1:]) for o in opts if o.startswith("s")), 1.0)
     limit = next((int(o[1:]) for o in opts if o.startswith("x")), None)
     cu.mma_x_budget = DEFAULT_X_BUDGET if limit is None else (lambda tokens, device, limit=limit: limit)
+    per_split = next((int(o[1:]) for o in opts if o.startswith("c")), None)
     splits = None
-    if factor != 1.0:
+    if per_split is not None:
+        splits = -(-(x.shape[1] // cu.MMA_CHUNK_INPUTS) // per_split)
+    elif factor != 1.0:
         n = sum(cu.layer_geometry(*layer, True)[0] for layer in [layer])
         fits = cu.psumbook_mma_chosen(x, layer[1], True) if psumbook is None else psumbook
         plan = cu.plan_psumbook_mma(n, x.shape[1], x.device) if fits else cu.plan_mma(x.shape[0], n, x.shape[1], x.device)

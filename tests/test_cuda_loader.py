@@ -129,15 +129,32 @@ def test_one_token_plan_of_the_benchmark_layers():
         assert cuda.plan_cuda(1, 4096, 4096 // 8, 2, torch.device("cpu")) == (2, 32)
 
 
-def test_psumbook_mma_plan_stages_at_most_four_chunks_and_fills_the_gpu():
-    sms = sm_count(torch.device("cpu"))
-    for n, k in [(4096, 4096), (57344, 8192), (512, 128), (4096, 14336), (6144, 4096)]:
+def test_psumbook_mma_plan_stages_at_most_its_chunk_limit():
+    for n, k in [(4096, 4096), (57344, 8192), (512, 128), (4096, 14336), (6144, 4096), (1000, 384)]:
         tiles, splits = cuda.plan_psumbook_mma(n, k, torch.device("cpu"))
         chunks = k // cuda.MMA_CHUNK_INPUTS
-        per_split = -(-chunks // splits)
-        assert tiles in (1, 2, 4) and 1 <= per_split <= cuda.PSUMBOOK_MMA_MAX_CHUNKS
-        blocks = -(-n // cuda.mma_rows_per_block(4, n, k, torch.device("cpu"), psumbook=True)) * splits
-        assert per_split == cuda.PSUMBOOK_MMA_MAX_CHUNKS or per_split == 1 or blocks <= sms * (1 if tiles == 4 else 2)
+        assert tiles in (1, 2, 4) and 1 <= splits <= chunks
+        assert 1 <= -(-chunks // splits) <= cuda.PSUMBOOK_MMA_MAX_CHUNKS
+
+
+def test_psumbook_mma_plan_of_the_benchmark_layers():
+    """The chunks per split measured fastest on an H200 at four tokens (docs/KERNELS.md v21), 1 to 8 swept per
+    layer: the model's choice for each of the eight layers."""
+    fastest = {(4096, 6144): 2, (4096, 4096): 1, (4096, 28672): 8, (14336, 4096): 4,
+               (8192, 10240): 5, (8192, 8192): 4, (8192, 57344): 7, (28672, 8192): 7}
+    with mock.patch("codegemm.ops.triton_psumbook.sm_count", return_value=132):
+        for (k, n), per_split in fastest.items():
+            tiles, splits = cuda.plan_psumbook_mma(n, k, torch.device("cpu"))
+            chunks = k // cuda.MMA_CHUNK_INPUTS
+            assert tiles == 4 and splits == -(-chunks // per_split), (k, n)
+
+
+def test_psumbook_mma_time_model_hands_blocks_to_the_first_free_slot():
+    # 3 row blocks x 2 splits of 2 chunks on 4 slots: four blocks at once, then two more on the freed slots.
+    one_block = cuda._PMMA_BLOCK_START_US + 2 * cuda._PMMA_CHUNK_US
+    partial = cuda._PMMA_REDUCE_US_PER_MB * 2 * 10 * cuda.PSUMBOOK_MMA_MAX_TOKENS * 4 / 1e6
+    assert cuda._psumbook_mma_time(3, 4, 2, 4, 10) == pytest.approx(2 * one_block + partial)
+    assert cuda._psumbook_mma_time(3, 4, 4, 4, 10) == pytest.approx(cuda._PMMA_BLOCK_START_US + 4 * cuda._PMMA_CHUNK_US)
 
 
 def test_psumbook_mma_takes_fp16_tiled_calls_of_up_to_four_tokens():

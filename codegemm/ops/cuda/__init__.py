@@ -442,7 +442,7 @@ def codebook_mma_cuda(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Ten
 
 PSUMBOOK_MMA_MAX_TOKENS = 4
 """Tokens one Psumbook entry of psumbook_mma.cu holds (four fp16 partial sums)."""
-PSUMBOOK_MMA_MAX_CHUNKS = 4
+PSUMBOOK_MMA_MAX_CHUNKS = 8
 """Chunks per split that psumbook_mma.cu stages activations for."""
 
 
@@ -464,18 +464,47 @@ def psumbook_mma_chosen(x: torch.Tensor, codebooks: torch.Tensor, tiled: bool) -
 
 
 def plan_psumbook_mma(n: int, k: int, device: torch.device) -> tuple[int, int]:
-    """(16-row tiles per warp, K splits) for psumbook_mma.cu: 1024-row blocks (one per SM, two Psumbook buffers),
-    and as few chunks per block as fill one wave, at most :data:`PSUMBOOK_MMA_MAX_CHUNKS` (the one-token kernel's
-    rule). Measured on an H200 (docs/KERNELS.md v14): 8B block at 4 tokens 65.5 µs with 1024-row blocks, 82.2 with
-    512 (two blocks per SM, one buffer), 124.9 with 256; half or twice the planned splits: 69.7 / 77.3 µs."""
+    """(16-row tiles per warp, K splits) for psumbook_mma.cu: 1024-row blocks (one per SM, two Psumbook buffers;
+    H200, docs/KERNELS.md v14: 8B block 65.5 µs against 82.2 with 512-row blocks) and the chunks per split, up to
+    :data:`PSUMBOOK_MMA_MAX_CHUNKS`, that :func:`_psumbook_mma_time` models fastest. Blocks take their chunks one
+    after another, so the split decides how evenly the blocks' work fills the SMs; a rule that only filled one wave
+    lost 3-13% on five of the eight benchmark layers (v21)."""
     from codegemm.ops.triton_psumbook import sm_count
 
     tiles = int(os.environ.get("CODEGEMM_PSUMBOOK_MMA_TILES", "0")) or 4
-    per_sm = 1 if tiles >= 4 else 2
+    slots = (1 if tiles >= 4 else 2) * sm_count(device)
     chunks = k // MMA_CHUNK_INPUTS
-    blocks = -(-n // (_MMA_ROWS_PER_BLOCK_TILE * tiles))
-    per_split = max(1, min(PSUMBOOK_MMA_MAX_CHUNKS, -(-blocks * chunks // (per_sm * sm_count(device)))))
+    row_blocks = -(-n // (_MMA_ROWS_PER_BLOCK_TILE * tiles))
+    per_split = min(range(1, min(PSUMBOOK_MMA_MAX_CHUNKS, chunks) + 1),
+                    key=lambda c: _psumbook_mma_time(row_blocks, chunks, c, slots, n))
     return tiles, -(-chunks // per_split)
+
+
+_PMMA_BLOCK_START_US = 1.0
+_PMMA_CHUNK_US = 2.4
+_PMMA_REDUCE_US_PER_MB = 1.0
+"""psumbook_mma.cu's costs fitted to a sweep of 1-8 chunks per split on the eight benchmark layers (H200, 4 tokens,
+docs/KERNELS.md v21; the model is within 4% of every point and picks the measured fastest split of each layer)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _psumbook_mma_time(row_blocks: int, chunks: int, per_split: int, slots: int, n: int) -> float:
+    """Modelled µs of one call: the hardware hands the blocks (row block fastest, then split; the last split may be
+    short) to the first free of ``slots`` block slots, each taking a start plus its chunks; then the split-K reduce
+    reads the fp32 partials of four tokens."""
+    import heapq
+
+    splits = -(-chunks // per_split)
+    free_at = [0.0] * slots
+    end = 0.0
+    for split in range(splits):
+        work = _PMMA_BLOCK_START_US + min(per_split, chunks - split * per_split) * _PMMA_CHUNK_US
+        for _ in range(row_blocks):
+            done = heapq.heappop(free_at) + work
+            end = max(end, done)
+            heapq.heappush(free_at, done)
+    partial_mb = splits * n * PSUMBOOK_MMA_MAX_TOKENS * 4 / 1e6 if splits > 1 else 0.0
+    return end + _PMMA_REDUCE_US_PER_MB * partial_mb
 
 
 def mma_rows_per_block(tokens: int, n: int, k: int, device: torch.device, tiles: int | None = None,

@@ -36,7 +36,7 @@ constexpr int PM_WARPS = PM_THREADS / 32;
 constexpr int PM_TOKENS = 4;
 constexpr int PM_X_WORDS = 80;                  // a token's 128 inputs (64 words) + 16 words: tokens t, t + 1 on other banks
 constexpr int PM_PSUM_BYTES = 256 * 32 * 8;     // [code][slot][4 fp16 tokens]
-constexpr int PM_MAX_CHUNKS = 4;                // chunks per split (the activations staged per block)
+constexpr int PM_MAX_CHUNKS = 8;                // chunks per split (the activations staged per block)
 constexpr int PM_X_BYTES = PM_MAX_CHUNKS * PM_TOKENS * PM_X_WORDS * 4;
 
 // Slot of table t in a code's 256-byte row: bit 2 of t goes to the top, and for m2v8 (table = 2 * vector +
@@ -393,8 +393,8 @@ CODEGEMM_TRACE_SETTER(codegemm_trace_set_psumbook_mma)
 
 // fp16 activations (dtype 0 only), 1-4 tokens, m2v8 / m1v4 with 8-bit codes, fp16 codebooks and scales in the tiled
 // layout (segs.code_xor == 15), K a multiple of 128, scale groups multiples of 128 inputs (chunks_per_group chunks
-// each; per-row scales: groups = 1, chunks_per_group = num_chunks), at most 4 chunks per split. rows_per_warp16
-// picks 1, 2 or 4 16-row tiles per warp (256, 512 or 1024 rows per block). Same arguments as
+// each; per-row scales: groups = 1, chunks_per_group = num_chunks), at most PM_MAX_CHUNKS (8) chunks per split.
+// rows_per_warp16 picks 1, 2 or 4 16-row tiles per warp (256, 512 or 1024 rows per block). Same arguments as
 // codegemm_codebook_mma. Returns a cudaError_t (cudaErrorInvalidValue for a call off those conditions), or -1 for a
 // config or dtype that is not compiled in.
 int codegemm_psumbook_mma(int dtype, int m, int v, int rows_per_warp16, int tokens, const void* x, int stride_x,
