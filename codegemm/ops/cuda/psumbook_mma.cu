@@ -153,11 +153,14 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
 
   // A chunk's codes and scales, loaded at its start: in flight during its build and barrier. Loading them a chunk
   // ahead (a copy in registers across the gathers) was 3-5% slower (H200: more register moves, 128 registers).
+  // The chunk's code and scale tables advance by pointer steps: a chunk's address arithmetic (a division and a
+  // 64-bit product per load) had been a fifth of the loop's instructions (v21).
   uint2 chunk_cw[R][2];
   __half chunk_sv[R][2];
-  auto fetch = [&](int chunk) {
-    const uint8_t* chunk_codes = codes + static_cast<size_t>(chunk) * code_chunk;
-    const __half* group_scales = scales + static_cast<size_t>(chunk / chunks_per_group) * scale_group;
+  const uint8_t* chunk_codes = codes + static_cast<size_t>(chunk_lo) * code_chunk;
+  const __half* group_scales = scales + static_cast<size_t>(chunk_lo / chunks_per_group) * scale_group;
+  int in_group = chunk_lo % chunks_per_group;
+  auto fetch = [&]() {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -165,6 +168,11 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
         chunk_cw[r][h] = load_codes8(chunk_codes + code_off[r][h]);
         chunk_sv[r][h] = group_scales[scale_off[r][h]];
       }
+    chunk_codes += code_chunk;
+    if (++in_group == chunks_per_group) {
+      in_group = 0;
+      group_scales += scale_group;
+    }
   };
 
   // Build role. m2v8: warp w makes centroids 32 (w % 8) .. + 31 (four n-tiles of 8) for the chunk's 16 vectors x
@@ -250,7 +258,7 @@ __global__ void __launch_bounds__(PM_THREADS, R <= 2 ? 2 : 1) psumbook_mma_kerne
   for (int cl = 0; cl < nch; ++cl) {
     uint2 cw[R][2];
     float sv[R][2];
-    fetch(chunk_lo + cl);
+    fetch();
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
