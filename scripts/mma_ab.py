@@ -39,27 +39,23 @@ DEFAULT_X_BUDGET = cu.mma_x_budget
 def variant_call(variant: str, x: torch.Tensor, layer: tuple) -> functools.partial | None:
     """The kernel call a variant names, or None where it does not apply (psumbook_mma.cu: fp16, <= 4 tokens)."""
     kernel, *opts = variant.split("-")
+
+    def option(prefix: str, cast=int, default=None):
+        return next((cast(o[1:]) for o in opts if o.startswith(prefix)), default)
+
+    per_split = option("c")  # both kernels' chunks are 128 inputs (m2v8, m1v4)
+    splits = None if per_split is None else -(-(x.shape[1] // cu.MMA_CHUNK_INPUTS) // per_split)
     if kernel == "auto" and x.shape[0] < cu.MMA_MIN_TOKENS[(layer[1].shape[0], layer[1].shape[2])]:
-        rpt = next((int(o[1:]) for o in opts if o.startswith("r")), None)
-        per_split = next((int(o[1:]) for o in opts if o.startswith("c")), None)
-        splits = None
-        if per_split is not None:
-            num_vectors, m = cu.layer_geometry(*layer, True)[1:3]
-            splits = -(-(num_vectors // (32 // m)) // per_split)
-        return functools.partial(cu.psumbook_matmul_cuda, x, *layer, None, rows_per_thread=rpt, splits=splits,
+        return functools.partial(cu.psumbook_matmul_cuda, x, *layer, None, rows_per_thread=option("r"), splits=splits,
                                  tiled=True)
     psumbook = {"auto": None, "mma": False, "pmma": True}[kernel]
     if psumbook and not cu.psumbook_mma_fits(x, True):
         return None
-    tiles = next((int(o[1:]) for o in opts if o.startswith("t")), None)
-    factor = next((float(o[1:]) for o in opts if o.startswith("s")), 1.0)
-    limit = next((int(o[1:]) for o in opts if o.startswith("x")), None)
+    tiles = option("t")
+    factor = option("s", float, 1.0)
+    limit = option("x")
     cu.mma_x_budget = DEFAULT_X_BUDGET if limit is None else (lambda tokens, device, limit=limit: limit)
-    per_split = next((int(o[1:]) for o in opts if o.startswith("c")), None)
-    splits = None
-    if per_split is not None:
-        splits = -(-(x.shape[1] // cu.MMA_CHUNK_INPUTS) // per_split)
-    elif factor != 1.0:
+    if splits is None and factor != 1.0:
         n = sum(cu.layer_geometry(*layer, True)[0] for layer in [layer])
         fits = cu.psumbook_mma_chosen(x, layer[1], True) if psumbook is None else psumbook
         plan = cu.plan_psumbook_mma(n, x.shape[1], x.device) if fits else cu.plan_mma(x.shape[0], n, x.shape[1], x.device)
