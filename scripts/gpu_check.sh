@@ -58,7 +58,7 @@ for sizes, k in [((2048, 1024, 1024), 1024), ((1024, 256, 256), 512), ((3072, 20
     layers = [(torch.randint(0, 256, (n, k // 8, 2), device="cuda", dtype=torch.int32).to(torch.uint8),
                torch.randn(2, 256, 8, device="cuda").half(), torch.rand(n, k // 128, device="cuda").half())
               for n in sizes]
-    for tokens in (1, 3, 16):
+    for tokens in (1, 3, 16, 33):  # 33: slices of at most 16 tokens
         grouped_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16), layers, None, cfg)
         grouped_matmul(torch.randn(tokens, k, device="cuda", dtype=torch.float16),
                        [(tile_codes(c), b, tile_scales(s)) for c, b, s in layers], None, cfg, tiled=True)
@@ -66,7 +66,7 @@ from codegemm.ops.dispatch import gated_matmul  # gate/up with the activation in
 for n, k in [(1024, 512), (2048, 256)]:
     pair = [(torch.randint(0, 256, (n, k // 8, 2), device="cuda", dtype=torch.int32).to(torch.uint8),
              torch.randn(2, 256, 8, device="cuda").half(), torch.rand(n, k // 128, device="cuda").half()) for _ in "gu"]
-    for tokens in (1, 3, 9):
+    for tokens in (1, 3, 9, 20):
         for dtype in (torch.float16, torch.bfloat16):
             bias = torch.randn(2 * n, device="cuda", dtype=dtype) if tokens == 3 else None
             gated_matmul(torch.randn(tokens, k, device="cuda", dtype=dtype), pair, bias, cfg, "silu")

@@ -84,3 +84,21 @@ def test_compiled_graph_decode_with_fused_mlp_equals_unfused():
     assert any(getattr(m, "_codegemm_gated", False) for m in model.modules())
     unfuse_siblings(model)
     assert not any(getattr(m, "_codegemm_gated", False) or "forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("tokens", [17, 40, 64])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_gated_through_the_dispatcher_above_16_tokens(tokens, tiled):
+    """17-64 tokens: the fused MLP runs as slices of at most 16 tokens (``cuda_grouped_sliced``)."""
+    from codegemm.ops.dispatch import gated_matmul, select_grouped_kernel
+
+    config = CodebookConfig.from_name("m2v8g128")
+    assert select_grouped_kernel(DEVICE, config, tokens, torch.float16).name == "cuda_grouped_sliced"
+    rows = [seeded_cuda_layer(config, 2048, 1024, seed=tokens + s) for s in (0, 1)]
+    layers = [tile_tables(*layer) for layer in rows] if tiled else rows
+    x = torch.randn(tokens, 1024, device=DEVICE, dtype=torch.float16)
+    fused = gated_matmul(x, layers, None, config, "silu", tiled=tiled)
+    assert fused is not None and fused.shape == (tokens, 2048)
+    assert rel_error(fused, _gated_reference(x, rows, None, "silu")) <= 1e-3
+    assert torch.equal(fused, gated_matmul(x, layers, None, config, "silu", tiled=tiled))
+

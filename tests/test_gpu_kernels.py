@@ -87,18 +87,24 @@ def test_dispatch_picks_gpu_kernels_on_cuda():
     assert select_kernel(DEVICE, CodebookConfig.from_name("m1v4g128"), 1, torch.float16).name == "cuda_psumbook"
     assert select_kernel(DEVICE, CodebookConfig.from_name("m1v4g128"), 2, torch.float16).name == "cuda_codebook_mma"
     assert select_kernel(DEVICE, CodebookConfig.from_name("m2v4g128"), 16, torch.float16).name == "triton_psumbook"
-    assert select_kernel(DEVICE, config, 17, torch.float16).name == "dequant_dense"
+    assert select_kernel(DEVICE, config, 17, torch.float16).name == "cuda_sliced"
+    assert select_kernel(DEVICE, config, 64, torch.bfloat16).name == "cuda_sliced"
+    assert select_kernel(DEVICE, config, 65, torch.float16).name == "dequant_dense"
+    assert select_kernel(DEVICE, CodebookConfig.from_name("m2v4g128"), 17, torch.float16).name == "dequant_dense"
     assert select_kernel(DEVICE, config, 17, torch.float16, Backend.TRITON).name == "triton_dequant_gemm"
 
 
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (8192, 10240)])
 @pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128", "m3b6v8g64", "m2v8"])
 def test_prefill_dense_path_auto(k, n, name):
-    """AUTO for > 16 tokens: Triton dequantization to a dense weight + cuBLAS; float64 reference, reruns equal."""
+    """AUTO above the sliced range (any count above 16 for configs without CUDA kernels): dequantization to a dense
+    weight + cuBLAS; float64 reference, reruns equal."""
     config = CodebookConfig.from_name(name)
     codes, codebooks, scales = _random_layer(config, n, k)
     bias = torch.randn(n, device=DEVICE, dtype=torch.float16)
-    for tokens in (17, 64, 128):
+    sliced = select_kernel(DEVICE, config, 17, torch.float16).name == "cuda_sliced"
+    assert sliced == (name in ("m2v8g128", "m1v4g128", "m2v8"))
+    for tokens in (65, 128) if sliced else (17, 64, 128):
         assert select_kernel(DEVICE, config, tokens, torch.float16).name == "dequant_dense"
         x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
         out = codebook_matmul(x, codes, codebooks, scales, bias, config)
@@ -306,3 +312,39 @@ def test_graph_of_layers_with_early_weight_loads_equals_eager(name, tokens, monk
         static_x.copy_(x)
         graph.replay()
         torch.testing.assert_close(static_out, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128"])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_sliced_path_17_to_64_tokens(name, tiled):
+    """17-64 tokens run as slices of at most 16 through the 1-16-token kernels (no dense weight): float64 reference
+    at every remainder kind (one token, 2-4, 5-16), fp16 and bf16 with bias, bit-identical reruns."""
+    from codegemm.layout import tile_tables
+    from codegemm.ops.triton_kernels import SLICED_MAX_TOKENS
+
+    config = CodebookConfig.from_name(name)
+    n, k = 3000, 2048
+    codes, codebooks, scales = _random_layer(config, n, k)
+    tables = tile_tables(codes, codebooks, scales) if tiled else (codes, codebooks, scales)
+    for tokens in (17, 19, 24, 33, 47, SLICED_MAX_TOKENS):
+        dtype = torch.float16 if tokens % 2 else torch.bfloat16
+        assert select_kernel(DEVICE, config, tokens, dtype).name == "cuda_sliced"
+        x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
+        bias = torch.randn(n, device=DEVICE, dtype=dtype)
+        ref = reference.dense_matmul(x, codes, codebooks, scales, bias, torch.float64)
+        weight = reference.dequantize(codes, codebooks, scales, torch.float64).to(dtype)
+        bound = max(1e-3 if dtype == torch.float16 else 0, 2 * rel_error(F.linear(x, weight, bias), ref))
+        out = codebook_matmul(x, *tables, bias, config, tiled=tiled)
+        assert out.shape == (tokens, n) and out.dtype == dtype
+        assert rel_error(out, ref) <= bound, (tokens, dtype)
+        assert torch.equal(out, codebook_matmul(x, *tables, bias, config, tiled=tiled)), tokens
+
+
+def test_sliced_path_compiles_and_replays():
+    """A layer at 40 tokens (three slices) under torch.compile(fullgraph=True) and in a captured CUDA graph."""
+    config = CodebookConfig.from_name("m2v8g128")
+    layer = CodeGEMMLinear.from_unpacked(*_random_layer(config, 1000, 2048),
+                                         bias=torch.randn(1000, device=DEVICE).half()).tile_()
+    x = torch.randn(40, 2048, device=DEVICE, dtype=torch.float16)
+    assert_compiled_graph_matches_eager(layer, x)
+

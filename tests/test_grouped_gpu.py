@@ -40,7 +40,7 @@ def _reference(x, layers, bias):
 @pytest.mark.parametrize("name", ["m2v8g128", "m1v4g128"])
 @pytest.mark.parametrize("sizes,k", [((4096, 1024, 1024), 4096), ((14336, 14336), 4096), ((8192, 1024, 1024), 8192),
                                      ((2048, 1024), 2048), ((1024, 256, 256), 1024), ((1000, 24), 512)])
-@pytest.mark.parametrize("tokens", [1, 2, 4, 9, 16])
+@pytest.mark.parametrize("tokens", [1, 2, 4, 9, 16, 17, 40])  # 17, 40: slices of at most 16 tokens
 def test_grouped_equals_each_layer_within_1e3(name, sizes, k, tokens):
     config = CodebookConfig.from_name(name)
     layers = _layers(config, sizes, k, seed=tokens)
@@ -54,7 +54,7 @@ def test_grouped_equals_each_layer_within_1e3(name, sizes, k, tokens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 33])
 def test_grouped_bias_dtype_and_determinism(dtype, tokens):
     config = CodebookConfig.from_name("m2v8g128")
     layers = _layers(config, (4096, 1024, 1024), 4096, seed=7)

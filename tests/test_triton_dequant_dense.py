@@ -124,7 +124,8 @@ def test_routing_keeps_the_fused_gemm_reachable():
     assert select_kernel(device, config, 17, torch.float16, Backend.TRITON).name.startswith("triton_dequant_gemm")
     assert _dense_spec(17, torch.float16).backend is Backend.CUDA
     if device.type == "cuda":
-        assert select_kernel(device, config, 17, torch.float16).name == "dequant_dense"
+        assert select_kernel(device, config, 17, torch.float16).name == "cuda_sliced"
+        assert select_kernel(device, config, 65, torch.float16).name == "dequant_dense"
         assert select_kernel(device, config, 16, torch.float16).name == "cuda_psumbook"
     else:
         assert select_kernel(device, config, 17, torch.float16).backend is Backend.CPU

@@ -4,8 +4,10 @@ On CUDA, for the configs compiled into the CUDA C++ library (m2v8, m1v4),
 1-16 tokens go through the CUDA codebook tensor-core kernel, whose cost is
 flat in the token count, except one m2v8 token, where the CUDA Psumbook GEMV
 is faster (``MMA_MIN_TOKENS``); each op falls back to the next kernel inside
-when a call does not fit. Other configs take the Triton Psumbook kernel. More
-than 16 tokens (prefill) dequantize the weight into a temporary dense tensor
+when a call does not fit. Other configs take the Triton Psumbook kernel. For
+those configs, 17 to ``SLICED_MAX_TOKENS`` tokens run as slices of at most 16
+tokens through the same kernels (``cuda_sliced``): the weight is never rebuilt.
+More tokens (prefill) dequantize the weight into a temporary dense tensor
 (CUDA for m2v8/m1v4, Triton otherwise) and multiply with cuBLAS (``dequant_dense``, under
 ``backend="cuda"`` because its matmul is cuBLAS); ``backend="triton"`` keeps the
 all-Triton dequantize-in-registers GEMM (``triton_dequant_gemm``), which also
@@ -30,6 +32,16 @@ PSUMBOOK_MAX_TOKENS = 16
 
 PSUMBOOK_MAX_CODEBOOKS = 4
 """The Psumbook tile holds ``m * 2**b`` rows; more codebooks go through the GEMM."""
+
+SLICED_MAX_TOKENS = 64
+"""Up to this many tokens, slices of at most 16 through the 1-16-token CUDA kernels beat rebuilding the weight for
+cuBLAS (each slice costs about one 16-token call; the rebuild costs the same at any count; docs/KERNELS.md v23)."""
+
+
+def token_slices(tokens: int) -> list[tuple[int, int]]:
+    """Row ranges of at most 16 tokens: full slices first, the remainder last, since the small kernels are cheapest
+    for a short remainder (17 tokens as 16 + 1 take one 16-token call and a GEMV, not two 8-token calls)."""
+    return [(start, min(start + PSUMBOOK_MAX_TOKENS, tokens)) for start in range(0, tokens, PSUMBOOK_MAX_TOKENS)]
 
 
 def _psumbook_ok(config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
@@ -58,15 +70,42 @@ def _codebook_mma(x, codes, codebooks, scales, bias, tiled=False):
     return custom_ops.codebook_mma_mm(x, codes, codebooks, scales, bias, tiled)
 
 
-def _cuda_library_ok(dev: torch.device, config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
-    """A call the CUDA library's 1-16-token kernels are compiled for (the tensors are checked in the ops)."""
+def _cuda_config_ok(dev: torch.device, config: CodebookConfig, dtype: torch.dtype) -> bool:
+    """A config and dtype the CUDA library is compiled for (the tensors are checked in the ops)."""
     return (
         dev.type == "cuda"
         and config.nbits == 8
         and (config.num_codebooks, config.vec_len) in CUDA_CONFIGS
-        and 1 <= tokens <= PSUMBOOK_MAX_TOKENS
         and dtype in (torch.float16, torch.bfloat16)
     )
+
+
+def _cuda_library_ok(dev: torch.device, config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
+    """A call the CUDA library's 1-16-token kernels take."""
+    return _cuda_config_ok(dev, config, dtype) and 1 <= tokens <= PSUMBOOK_MAX_TOKENS
+
+
+def _sliced_ok(dev: torch.device, config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
+    """A call that runs as slices of at most 16 tokens (:data:`SLICED_MAX_TOKENS`)."""
+    return _cuda_config_ok(dev, config, dtype) and PSUMBOOK_MAX_TOKENS < tokens <= SLICED_MAX_TOKENS
+
+
+def _one_slice(x, codes, codebooks, scales, bias, tiled=False):
+    """One slice of at most 16 tokens through the kernel the dispatcher picks for its count."""
+    tensor_cores = x.shape[0] >= MMA_MIN_TOKENS[(codebooks.shape[0], codebooks.shape[2])]
+    return (_codebook_mma if tensor_cores else _psumbook_cuda)(x, codes, codebooks, scales, bias, tiled)
+
+
+def _sliced(x, codes, codebooks, scales, bias, tiled=False):
+    return torch.cat([_one_slice(x[a:b], codes, codebooks, scales, bias, tiled) for a, b in token_slices(x.shape[0])])
+
+
+def _sliced_grouped(x, layers, bias, tiled=False):
+    return torch.cat([_grouped_cuda(x[a:b], layers, bias, tiled) for a, b in token_slices(x.shape[0])])
+
+
+def _sliced_gated(x, layers, bias, act, tiled=False):
+    return torch.cat([_gated_cuda(x[a:b], layers, bias, act, tiled) for a, b in token_slices(x.shape[0])])
 
 
 def _grouped_cuda(x, layers, bias, tiled=False):
@@ -121,6 +160,9 @@ register_kernel(
         _psumbook,
         priority=30,
     )
+)
+register_kernel(
+    KernelSpec("cuda_sliced", Backend.CUDA, _sliced_ok, _sliced, priority=27, takes_tiled=True)
 )
 register_kernel(
     KernelSpec(
@@ -178,5 +220,16 @@ register_grouped_kernel(
         priority=40,
         takes_tiled=True,
         gated_fn=_gated_cuda,
+    )
+)
+register_grouped_kernel(
+    KernelSpec(
+        "cuda_grouped_sliced",
+        Backend.CUDA,
+        _sliced_ok,
+        _sliced_grouped,
+        priority=39,
+        takes_tiled=True,
+        gated_fn=_sliced_gated,
     )
 )
