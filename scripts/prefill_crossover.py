@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from codegemm import reference
 from codegemm.bench.timing import device_name, rotation_count, time_calls
 from codegemm.layout import tile_tables
-from codegemm.ops import custom_ops, triton_kernels
+from codegemm.ops import custom_ops
 from codegemm.random_model import random_layer_tensors
 
 dev = torch.device("cuda")
@@ -29,7 +29,7 @@ models = os.environ.get("MODELS", "8B,70B").split(",")
 SHAPES = {"8B": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
           "70B": [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]}
 PATHS = {"dense": functools.partial(custom_ops.dequant_dense_mm, tiled=True),
-         "sliced": functools.partial(triton_kernels._sliced, tiled=True)}
+         "sliced": functools.partial(custom_ops.codebook_mma_mm, tiled=True)}
 
 sums: dict[tuple[str, str, int, str], float] = {}
 for model in models:

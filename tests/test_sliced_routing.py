@@ -9,7 +9,8 @@ pytest.importorskip("triton")
 
 from codegemm import CodebookConfig  # noqa: E402
 from codegemm.ops.dispatch import Backend, select_grouped_kernel, select_kernel  # noqa: E402
-from codegemm.ops.triton_kernels import PSUMBOOK_MAX_TOKENS, SLICED_MAX_TOKENS, token_slices  # noqa: E402
+from codegemm.ops.cuda import token_slices  # noqa: E402
+from codegemm.ops.triton_kernels import PSUMBOOK_MAX_TOKENS, SLICED_MAX_TOKENS  # noqa: E402
 
 CUDA = torch.device("cuda")
 

@@ -34,14 +34,9 @@ PSUMBOOK_MAX_CODEBOOKS = 4
 """The Psumbook tile holds ``m * 2**b`` rows; more codebooks go through the GEMM."""
 
 SLICED_MAX_TOKENS = 64
-"""Up to this many tokens, slices of at most 16 through the 1-16-token CUDA kernels beat rebuilding the weight for
-cuBLAS (each slice costs about one 16-token call; the rebuild costs the same at any count; docs/KERNELS.md v23)."""
-
-
-def token_slices(tokens: int) -> list[tuple[int, int]]:
-    """Row ranges of at most 16 tokens: full slices first, the remainder last, since the small kernels are cheapest
-    for a short remainder (17 tokens as 16 + 1 take one 16-token call and a GEMV, not two 8-token calls)."""
-    return [(start, min(start + PSUMBOOK_MAX_TOKENS, tokens)) for start in range(0, tokens, PSUMBOOK_MAX_TOKENS)]
+"""Up to this many tokens, the CUDA ops run slices of at most 16 tokens through the 1-16-token kernels
+(:func:`codegemm.ops.custom_ops.token_slices`), which beats rebuilding the weight for cuBLAS: each slice costs about
+one 16-token call, the rebuild the same at any count (docs/KERNELS.md v23)."""
 
 
 def _psumbook_ok(config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
@@ -88,24 +83,6 @@ def _cuda_library_ok(dev: torch.device, config: CodebookConfig, tokens: int, dty
 def _sliced_ok(dev: torch.device, config: CodebookConfig, tokens: int, dtype: torch.dtype) -> bool:
     """A call that runs as slices of at most 16 tokens (:data:`SLICED_MAX_TOKENS`)."""
     return _cuda_config_ok(dev, config, dtype) and PSUMBOOK_MAX_TOKENS < tokens <= SLICED_MAX_TOKENS
-
-
-def _one_slice(x, codes, codebooks, scales, bias, tiled=False):
-    """One slice of at most 16 tokens through the kernel the dispatcher picks for its count."""
-    tensor_cores = x.shape[0] >= MMA_MIN_TOKENS[(codebooks.shape[0], codebooks.shape[2])]
-    return (_codebook_mma if tensor_cores else _psumbook_cuda)(x, codes, codebooks, scales, bias, tiled)
-
-
-def _sliced(x, codes, codebooks, scales, bias, tiled=False):
-    return torch.cat([_one_slice(x[a:b], codes, codebooks, scales, bias, tiled) for a, b in token_slices(x.shape[0])])
-
-
-def _sliced_grouped(x, layers, bias, tiled=False):
-    return torch.cat([_grouped_cuda(x[a:b], layers, bias, tiled) for a, b in token_slices(x.shape[0])])
-
-
-def _sliced_gated(x, layers, bias, act, tiled=False):
-    return torch.cat([_gated_cuda(x[a:b], layers, bias, act, tiled) for a, b in token_slices(x.shape[0])])
 
 
 def _grouped_cuda(x, layers, bias, tiled=False):
@@ -162,7 +139,7 @@ register_kernel(
     )
 )
 register_kernel(
-    KernelSpec("cuda_sliced", Backend.CUDA, _sliced_ok, _sliced, priority=27, takes_tiled=True)
+    KernelSpec("cuda_sliced", Backend.CUDA, _sliced_ok, _codebook_mma, priority=27, takes_tiled=True)
 )
 register_kernel(
     KernelSpec(
@@ -227,9 +204,9 @@ register_grouped_kernel(
         "cuda_grouped_sliced",
         Backend.CUDA,
         _sliced_ok,
-        _sliced_grouped,
+        _grouped_cuda,
         priority=39,
         takes_tiled=True,
-        gated_fn=_sliced_gated,
+        gated_fn=_gated_cuda,
     )
 )

@@ -277,13 +277,20 @@ def _launch(entry: str, x: torch.Tensor, args: tuple, kernel: str) -> None:
 
     ``x``'s device is the launch device and its dtype the library's dtype code (activations, or output).
     """
+    _launch_all(entry, x, [args], kernel)
+
+
+def _launch_all(entry: str, x: torch.Tensor, calls: Sequence[tuple], kernel: str) -> None:
+    """:func:`_launch` for several argument tuples in order, with the library, stream and device looked up once."""
     lib = load_library(device_arch(x.device))
     stream = torch.cuda.current_stream(x.device).cuda_stream
+    launcher, dtype = getattr(lib, entry), _DTYPE_CODES[x.dtype]
     with torch.cuda.device(x.device):  # the runtime launches on the current device, not the tensors'
-        err = getattr(lib, entry)(_DTYPE_CODES[x.dtype], *args, stream)
-    if err != 0:
-        reason = "config not compiled in" if err < 0 else lib.codegemm_error_string(err).decode()
-        raise RuntimeError(f"CUDA {kernel} kernel launch failed ({err}): {reason}")
+        for args in calls:
+            err = launcher(dtype, *args, stream)
+            if err != 0:
+                reason = "config not compiled in" if err < 0 else lib.codegemm_error_string(err).decode()
+                raise RuntimeError(f"CUDA {kernel} kernel launch failed ({err}): {reason}")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -522,35 +529,49 @@ def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tenso
     """``x [T, K] -> [T, sum N]``: sibling layers in one launch of codebook_mma.cu, or of psumbook_mma.cu where
     :func:`psumbook_mma_chosen` (``psumbook`` forces the choice; True needs a call that :func:`psumbook_mma_fits`). Each layer must be
     :func:`codebook_mma_eligible`, the group :func:`grouped_eligible` for :func:`mma_rows_per_block` rows.
-    ``gate_act``: a gated MLP's two layers, output ``[T, N / 2]`` (:data:`GATE_ACTS`)."""
+    ``gate_act``: a gated MLP's two layers, output ``[T, N / 2]`` (:data:`GATE_ACTS`).
+    More than 16 tokens run as slices (:func:`token_slices`), one launch each into the one output, with the tables
+    described once: eager calls cost about one slice's Python (docs/KERNELS.md v23); each slice must be eligible."""
     tokens, k = x.shape
     codebooks = layers[0][1]
     n = sum(_rows(layers, tiled))
     _, _, m, groups = layer_geometry(*layers[0], tiled)
     v = codebooks.shape[2]
-    if psumbook is None:
-        psumbook = psumbook_mma_chosen(x, codebooks, tiled)
     chunks = k // MMA_CHUNK_INPUTS
-    if psumbook:
-        entry, kernel = "codegemm_psumbook_mma", "Psumbook mma"
-        default_tiles, default_splits = plan_psumbook_mma(n, k, x.device)
-        least_splits = -(-chunks // PSUMBOOK_MMA_MAX_CHUNKS)
-    else:
-        entry, kernel = "codegemm_codebook_mma", "codebook mma"
-        default_tiles, default_splits = plan_mma(tokens, n, k, x.device)
-        least_splits = _min_mma_splits(chunks, tokens, mma_x_budget(tokens, x.device))
-    tiles = tiles or default_tiles
-    splits = max(splits or default_splits, least_splits)  # x must fit on chip
-    per_split = -(-chunks // splits)
-    used = -(-chunks // per_split)
-    out = _output(x, n, gate_act)
-    partial = _partials(used, tokens, n, x, gate_act)
     chunks_per_group = chunks if groups == 1 else chunks // groups
-    _launch(entry, x, (
-        m, v, tiles, tokens, x.data_ptr(), x.stride(0), ctypes.byref(_segments(layers, tiled, gate_act)), _ptr(bias),
-        out.data_ptr(),
-        _ptr(partial), n, chunks, groups, chunks_per_group, splits), kernel)
+    out = _output(x, n, gate_act)
+    segs = ctypes.byref(_segments(layers, tiled, gate_act))
+    row_bytes = out.stride(0) * out.element_size()
+    launches: dict[str, list[tuple]] = {}  # per launcher, in slice order (the slices write disjoint rows)
+    kernels: dict[str, str] = {}
+    for start, stop in token_slices(tokens):
+        piece = x[start:stop]
+        count = stop - start
+        pmma = psumbook_mma_chosen(piece, codebooks, tiled) if psumbook is None else psumbook
+        if pmma:
+            entry, kernel = "codegemm_psumbook_mma", "Psumbook mma"
+            default_tiles, default_splits = plan_psumbook_mma(n, k, x.device)
+            least_splits = -(-chunks // PSUMBOOK_MMA_MAX_CHUNKS)
+        else:
+            entry, kernel = "codegemm_codebook_mma", "codebook mma"
+            default_tiles, default_splits = plan_mma(count, n, k, x.device)
+            least_splits = _min_mma_splits(chunks, count, mma_x_budget(count, x.device))
+        used_splits = max(splits or default_splits, least_splits)  # x must fit on chip
+        used = -(-chunks // -(-chunks // used_splits))
+        partial = _partials(used, count, n, x, gate_act)
+        kernels[entry] = kernel
+        launches.setdefault(entry, []).append((
+            m, v, tiles or default_tiles, count, piece.data_ptr(), x.stride(0), segs, _ptr(bias),
+            out.data_ptr() + start * row_bytes, _ptr(partial), n, chunks, groups, chunks_per_group, used_splits))
+    for entry, calls in launches.items():
+        _launch_all(entry, x, calls, kernels[entry])
     return out
+
+
+def token_slices(tokens: int) -> list[tuple[int, int]]:
+    """Row ranges of at most :data:`MAX_TOKENS` tokens: full slices first, the remainder last, since the small
+    kernels are cheapest for a short remainder (20 tokens as 16 + 4: the four-token Psumbook takes the 4)."""
+    return [(start, min(start + MAX_TOKENS, tokens)) for start in range(0, tokens, MAX_TOKENS)]
 
 
 def cuda_dequant_eligible(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
