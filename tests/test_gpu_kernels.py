@@ -348,3 +348,23 @@ def test_sliced_path_compiles_and_replays():
     x = torch.randn(40, 2048, device=DEVICE, dtype=torch.float16)
     assert_compiled_graph_matches_eager(layer, x)
 
+
+
+def test_sliced_range_rebuilds_layers_the_cuda_kernels_do_not_take(monkeypatch):
+    """bf16 codebooks: the CUDA kernels do not take the layer, so 17-64 tokens rebuild the weight once per call (as
+    above 64) rather than slice into Triton Psumbook calls, which compile per shape (a 9.7 s first token in
+    `codegemm generate` on a bf16 checkpoint before this fallback)."""
+    from codegemm.ops import custom_ops
+
+    rebuilt = []
+    real = custom_ops.dequant_dense_matmul
+    monkeypatch.setattr(custom_ops, "dequant_dense_matmul", lambda *args: rebuilt.append(1) or real(*args))
+    config = CodebookConfig.from_name("m2v8g128")
+    codes, codebooks, scales = _random_layer(config, 1000, 1024)
+    codebooks = codebooks.bfloat16()
+    x = torch.randn(24, 1024, device=DEVICE, dtype=torch.bfloat16)
+    assert select_kernel(DEVICE, config, 24, torch.bfloat16).name == "cuda_sliced"
+    ref = reference.dense_matmul(x, codes, codebooks, scales, None, torch.float64)
+    weight = reference.dequantize(codes, codebooks, scales, torch.float64).to(torch.bfloat16)
+    out = codebook_matmul(x, codes, codebooks, scales, None, config)
+    assert rebuilt and rel_error(out, ref) <= 2 * rel_error(F.linear(x, weight), ref)

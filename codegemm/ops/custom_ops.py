@@ -108,29 +108,18 @@ def _slice_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:MAX_TOKENS], x[token_slices(x.shape[0])[-1][0]:]
 
 
-def _sliced(impl: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
-    """``impl`` on each slice of at most 16 tokens of ``x``, outputs stacked: the fallback for slices that the
-    one-launch-per-slice path (:func:`grouped_mma_cuda`) does not take."""
-    return torch.cat([impl(x[a:b], *args) for a, b in token_slices(x.shape[0])])
-
-
 def _codebook_mma_gpu(x, codes, codebooks, scales, bias, tiled=False):
     """The CUDA codebook tensor-core kernel where the call fits it, else the Psumbook kernels. More than 16 tokens
     (the dispatcher sends up to ``SLICED_MAX_TOKENS``) run as 16-token slices through the same kernels, without
-    rebuilding the weight."""
+    rebuilding the weight; a layer they do not take (e.g. bf16 codebooks) gets the rebuild, as for more tokens,
+    not per-slice Triton kernels (a compile per shape)."""
     if x.shape[0] > MAX_TOKENS:
         if codebook_mma_eligible(x[:MAX_TOKENS], codes, codebooks, scales, bias, tiled):  # every slice's count
             return codebook_mma_cuda(x, codes, codebooks, scales, bias, tiled=tiled)
-        return _sliced(_small_gpu, x, codes, codebooks, scales, bias, tiled)
+        return dequant_dense_matmul(x, codes, codebooks, scales, bias, tiled)
     if codebook_mma_eligible(x, codes, codebooks, scales, bias, tiled):
         return codebook_mma_cuda(x, codes, codebooks, scales, bias, tiled=tiled)
     return _psumbook_gpu(x, codes, codebooks, scales, bias, tiled)
-
-
-def _small_gpu(x, codes, codebooks, scales, bias, tiled=False):
-    """1-16 tokens through the kernel the dispatcher picks for the count (``MMA_MIN_TOKENS``)."""
-    small = x.shape[0] < MMA_MIN_TOKENS.get((codebooks.shape[0], codebooks.shape[2]), MAX_TOKENS + 1)
-    return (_psumbook_gpu if small else _codebook_mma_gpu)(x, codes, codebooks, scales, bias, tiled)
 
 
 def _define(name: str, impl: Callable[..., torch.Tensor], code_dtypes: tuple[torch.dtype, ...], doc: str):
@@ -189,12 +178,11 @@ def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False, gate_act=0):
     tokens, k = x.shape
     rows = [layer_geometry(*layer, tiled)[0] for layer in layers]
     n = sum(rows)
-    if tokens > MAX_TOKENS:  # 16-token slices, one launch each (see _codebook_mma_gpu)
+    if tokens > MAX_TOKENS:  # 16-token slices, one launch each; otherwise each layer alone (see _codebook_mma_gpu)
         block_rows = {mma_rows_per_block(s.shape[0], n, k, x.device, psumbook=psumbook_mma_chosen(s, codebooks[0], tiled))
                       for s in _slice_heads(x)}
         if all(grouped_eligible(x[:MAX_TOKENS], layers, bias, rows, codebook_mma_eligible, tiled) for rows in block_rows):
             return grouped_mma_cuda(x, layers, bias, tiled=tiled, gate_act=gate_act)
-        return _sliced(_grouped_gpu, x, codes, codebooks, scales, bias, tiled, gate_act)
     _, num_vectors, m, _ = layer_geometry(*layers[0], tiled)
     v = codebooks[0].shape[2]
     use_mma = tokens >= MMA_MIN_TOKENS.get((m, v), MAX_TOKENS + 1)
