@@ -5,8 +5,9 @@ On CUDA, for the configs compiled into the CUDA C++ library (m2v8, m1v4),
 flat in the token count, except one m2v8 token, where the CUDA Psumbook GEMV
 is faster (``MMA_MIN_TOKENS``); each op falls back to the next kernel inside
 when a call does not fit. Other configs take the Triton Psumbook kernel. For
-those configs, 17 to ``SLICED_MAX_TOKENS`` tokens run as slices of at most 16
-tokens through the same kernels (``cuda_sliced``): the weight is never rebuilt.
+those configs, 17 to ``SLICED_MAX_TOKENS`` tokens go to the same ops, which run
+slices of at most 16 tokens through the same kernels (``cuda_sliced``): the
+weight is not rebuilt unless those kernels cannot take the layer.
 More tokens (prefill) dequantize the weight into a temporary dense tensor
 (CUDA for m2v8/m1v4, Triton otherwise) and multiply with cuBLAS (``dequant_dense``, under
 ``backend="cuda"`` because its matmul is cuBLAS); ``backend="triton"`` keeps the
