@@ -181,8 +181,10 @@ def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False, gate_act=0):
     if tokens > MAX_TOKENS:  # 16-token slices, one launch each; otherwise each layer alone (see _codebook_mma_gpu)
         block_rows = {mma_rows_per_block(s.shape[0], n, k, x.device, psumbook=psumbook_mma_chosen(s, codebooks[0], tiled))
                       for s in _slice_heads(x)}
-        if all(grouped_eligible(x[:MAX_TOKENS], layers, bias, rows, codebook_mma_eligible, tiled) for rows in block_rows):
+        if all(grouped_eligible(x[:MAX_TOKENS], layers, bias, per_block, codebook_mma_eligible, tiled)
+               for per_block in block_rows):
             return grouped_mma_cuda(x, layers, bias, tiled=tiled, gate_act=gate_act)
+        return _each_layer(_codebook_mma_gpu, x, layers, bias, rows, tiled, gate_act)
     _, num_vectors, m, _ = layer_geometry(*layers[0], tiled)
     v = codebooks[0].shape[2]
     use_mma = tokens >= MMA_MIN_TOKENS.get((m, v), MAX_TOKENS + 1)
@@ -195,8 +197,12 @@ def _grouped_gpu(x, codes, codebooks, scales, bias, tiled=False, gate_act=0):
         rpt = psumbook_plan_rpt(tokens, None, n, num_vectors, m, x.device)
         if grouped_eligible(x, layers, bias, psumbook_rows_per_block(tokens, rpt), tiled=tiled):
             return grouped_psumbook_cuda(x, layers, bias, tiled=tiled, gate_act=gate_act)
+    return _each_layer(_codebook_mma_gpu if use_mma else _psumbook_gpu, x, layers, bias, rows, tiled, gate_act)
+
+
+def _each_layer(single, x, layers, bias, rows, tiled, gate_act):
+    """One launch per layer through ``single``, outputs side by side (and, gated, :func:`gate` after them)."""
     biases = [None] * len(layers) if bias is None else bias.split(rows)
-    single = _codebook_mma_gpu if use_mma else _psumbook_gpu
     out = torch.cat([single(x, *layer, b, tiled) for layer, b in zip(layers, biases)], dim=1)
     return gate(out, gate_act) if gate_act else out
 

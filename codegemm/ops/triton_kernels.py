@@ -36,7 +36,7 @@ PSUMBOOK_MAX_CODEBOOKS = 4
 
 SLICED_MAX_TOKENS = 64
 """Up to this many tokens, the CUDA ops run slices of at most 16 tokens through the 1-16-token kernels
-(:func:`codegemm.ops.custom_ops.token_slices`), which beats rebuilding the weight for cuBLAS: each slice costs about
+(:func:`codegemm.ops.cuda.token_slices`), which beats rebuilding the weight for cuBLAS: each slice costs about
 one 16-token call, the rebuild the same at any count (docs/KERNELS.md v23)."""
 
 

@@ -277,17 +277,18 @@ def _launch(entry: str, x: torch.Tensor, args: tuple, kernel: str) -> None:
 
     ``x``'s device is the launch device and its dtype the library's dtype code (activations, or output).
     """
-    _launch_all(entry, x, [args], kernel)
+    _launch_all(x, [(entry, args, kernel)])
 
 
-def _launch_all(entry: str, x: torch.Tensor, calls: Sequence[tuple], kernel: str) -> None:
-    """:func:`_launch` for several argument tuples in order, with the library, stream and device looked up once."""
+def _launch_all(x: torch.Tensor, calls: Sequence[tuple[str, tuple, str]]) -> None:
+    """:func:`_launch` for several ``(entry, args, kernel)`` in order, with the library, stream and device looked up
+    once."""
     lib = load_library(device_arch(x.device))
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    launcher, dtype = getattr(lib, entry), _DTYPE_CODES[x.dtype]
+    dtype = _DTYPE_CODES[x.dtype]
     with torch.cuda.device(x.device):  # the runtime launches on the current device, not the tensors'
-        for args in calls:
-            err = launcher(dtype, *args, stream)
+        for entry, args, kernel in calls:
+            err = getattr(lib, entry)(dtype, *args, stream)
             if err != 0:
                 reason = "config not compiled in" if err < 0 else lib.codegemm_error_string(err).decode()
                 raise RuntimeError(f"CUDA {kernel} kernel launch failed ({err}): {reason}")
@@ -542,8 +543,7 @@ def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tenso
     out = _output(x, n, gate_act)
     segs = ctypes.byref(_segments(layers, tiled, gate_act))
     row_bytes = out.stride(0) * out.element_size()
-    launches: dict[str, list[tuple]] = {}  # per launcher, in slice order (the slices write disjoint rows)
-    kernels: dict[str, str] = {}
+    launches = []
     for start, stop in token_slices(tokens):
         piece = x[start:stop]
         count = stop - start
@@ -559,12 +559,10 @@ def grouped_mma_cuda(x: torch.Tensor, layers: Sequence[Layer], bias: torch.Tenso
         used_splits = max(splits or default_splits, least_splits)  # x must fit on chip
         used = -(-chunks // -(-chunks // used_splits))
         partial = _partials(used, count, n, x, gate_act)
-        kernels[entry] = kernel
-        launches.setdefault(entry, []).append((
+        launches.append((entry, (
             m, v, tiles or default_tiles, count, piece.data_ptr(), x.stride(0), segs, _ptr(bias),
-            out.data_ptr() + start * row_bytes, _ptr(partial), n, chunks, groups, chunks_per_group, used_splits))
-    for entry, calls in launches.items():
-        _launch_all(entry, x, calls, kernels[entry])
+            out.data_ptr() + start * row_bytes, _ptr(partial), n, chunks, groups, chunks_per_group, used_splits), kernel))
+    _launch_all(x, launches)
     return out
 
 
