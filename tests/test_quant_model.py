@@ -120,3 +120,14 @@ def test_two_runs_on_two_cpu_threads_are_bit_identical():
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
     for name, tensors in runs[0].items():
         assert all(torch.equal(a, b) for a, b in zip(tensors, runs[1][name])), name
+
+
+def test_report_table_reads_global_finetuning_plainly():
+    from codegemm.config import CodebookConfig
+    from codegemm.quant.driver import QuantReport
+    from codegemm.quant.options import QuantOptions
+
+    report = QuantReport(CodebookConfig.from_name("m2v8g128"), QuantOptions(), global_finetune=[(0, 0.74301)])
+    assert "global fine-tuning: 1 epoch, mean KL over its steps 0.7430" in report.table()
+    report.global_finetune.append((1, 0.61))
+    assert "global fine-tuning: mean KL 0.7430 (epoch 0) -> 0.6100 (epoch 1)" in report.table()

@@ -80,8 +80,11 @@ class QuantReport:
             lines.append(f"{'mean':<{width}}  {'':>11}  {mean:8.5f}  {self.seconds:6.1f}")
         if self.global_finetune:
             kls = [kl for _, kl in self.global_finetune]
-            lines.append(f"global fine-tuning: mean KL {kls[0]:.4f} (epoch 0) -> {kls[-1]:.4f} "
-                         f"(epoch {len(kls) - 1})")
+            if len(kls) == 1:  # one mean over the steps of the only epoch: nothing to compare it with
+                lines.append(f"global fine-tuning: 1 epoch, mean KL over its steps {kls[0]:.4f}")
+            else:
+                lines.append(f"global fine-tuning: mean KL {kls[0]:.4f} (epoch 0) -> {kls[-1]:.4f} "
+                             f"(epoch {len(kls) - 1})")
         lines.append(f"config {self.config.name}, method {self.options.method}, "
                      f"{self.bits_per_weight:.3f} bits/weight, {self.seconds:.0f} s")
         return "\n".join(lines)
