@@ -138,14 +138,16 @@ PY
     python3 -m pytest -q -m gpu tests/test_generation_gpu.py 2>&1 | tee "$OUT/gen_tests.log" | tail -n 30 || status=1
     ;;
   gen-cli)
-    echo "== codegemm generate on the GPU: random-weight CodeGEMM model of the Gemma 3 270M architecture, byte tokenizer"
+    echo "== codegemm generate on the GPU: random-weight CodeGEMM model of the Gemma 3 270M architecture (bf16, fp16 tables as codegemm quantize stores them), byte tokenizer"
     python3 - /tmp/gemma3-270m-random <<'PY' || status=1
 import sys, torch
 from codegemm.bench.archs import architecture_config
 from codegemm.hf.checkpoint import save_quantized
+from codegemm.quant.driver import cast_quantized
 from codegemm.random_model import build_random_quantized_model
 from tests._tiny_models import byte_tokenizer
 model = build_random_quantized_model(architecture_config("gemma3-270m"), "m2v8g128", "cpu", torch.bfloat16, seed=0)
+cast_quantized(model, torch.float16)  # loaded in bf16 by generate, the tables stay fp16: the CUDA kernels run
 save_quantized(model, sys.argv[1])
 byte_tokenizer().save_pretrained(sys.argv[1])
 PY

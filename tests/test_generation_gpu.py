@@ -50,6 +50,28 @@ def test_compiled_step_matches_eager_logits(dtype, tol, batch):
         assert _rel(fast.logits[:, step], eager.logits[:, step]) < tol, f"step {step}"
 
 
+def test_bf16_model_with_fp16_tables_runs_the_cuda_kernels_and_matches_eager():
+    """A checkpoint quantized as the CLI stores it (fp16 codebooks and scales) loaded in bf16, codegemm generate's CUDA
+    default: the tables stay fp16 (codegemm.hf.checkpoint.keep_stored_table_dtypes), so the layers take the CUDA
+    kernels with bf16 activations; the captured step matches eager."""
+    from codegemm.ops.cuda import cuda_psumbook_eligible
+    from codegemm.quant.driver import cast_quantized
+    from codegemm.surgery import quantized_modules
+
+    model = _model(torch.bfloat16, seed=5)
+    cast_quantized(model, torch.float16)
+    _, layer = next(quantized_modules(model))
+    x = torch.randn(1, layer.in_features, device="cuda", dtype=torch.bfloat16)
+    assert cuda_psumbook_eligible(x, layer.codes, layer.codebooks, layer.scales, layer.bias, False)
+    ids = _prompt(2, 9, seed=8)
+    eager = FastGenerator(model, compile=False, cuda_graph=False).generate(ids, 10, keep_logits=True)
+    fast = FastGenerator(model).generate(ids, 10, keep_logits=True)
+    same = (fast.new_tokens == eager.new_tokens).all(dim=0).long().cumprod(0).sum().item()
+    assert same >= 5
+    for step in range(min(same + 1, 10)):
+        assert _rel(fast.logits[:, step], eager.logits[:, step]) < 3e-2, f"step {step}"
+
+
 def test_model_attention_path_matches_eager_logits():
     """The captured step with the model's own SDPA attention (decode attention off) also matches eager."""
     model = _model(torch.float16, seed=4)

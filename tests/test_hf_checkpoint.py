@@ -113,6 +113,25 @@ def test_from_pretrained_round_trip_gives_identical_logits(saved):
     assert not any(p.requires_grad for _, layer in quantized_modules(loaded) for p in layer.parameters())
 
 
+@pytest.mark.parametrize("load_dtype", [torch.bfloat16, torch.float32])
+def test_stored_codebooks_and_scales_keep_their_dtype_whatever_the_load_dtype(tmp_path, load_dtype):
+    """Loading an fp16-table checkpoint in bf16 (codegemm generate's CUDA default) or fp32 leaves the codebooks and
+    scales bit-identical fp16, what the CUDA kernels read; the dense parts and biases take the requested dtype."""
+    model = tiny_llama("m2v8g32", torch.float16, attention_bias=True)
+    attach_quantization_config(model)
+    model.save_pretrained(str(tmp_path))
+    loaded = load(tmp_path, **{DTYPE_KWARG: load_dtype})
+    stored = dict(quantized_modules(model))
+    for name, layer in quantized_modules(loaded):
+        for leaf in ("codebooks", "scales"):
+            assert getattr(layer, leaf).dtype == torch.float16, (name, leaf)
+            assert torch.equal(getattr(layer, leaf), getattr(stored[name], leaf)), (name, leaf)
+        assert layer.bias is None or layer.bias.dtype == load_dtype
+    assert loaded.model.embed_tokens.weight.dtype == load_dtype
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(logits(loaded, ids)).all()
+
+
 def test_loaded_model_saves_again_identically(saved, tmp_path):
     loaded = load(saved["dir"], **{DTYPE_KWARG: saved["dtype"]})
     loaded.save_pretrained(str(tmp_path))

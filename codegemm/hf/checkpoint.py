@@ -154,6 +154,29 @@ def check_checkpoint_headers(model: nn.Module, tensors: dict[str, TensorInfo]) -
                 raise CheckpointError(f"tensor {key} must have dtype {' or '.join(dtypes)}; got {dtype}")
 
 
+_SAFETENSORS_TO_TORCH_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def keep_stored_table_dtypes(model: nn.Module, tensors: dict[str, TensorInfo]) -> int:
+    """Give every quantized shell's codebooks and scales the dtype they are stored in; returns the count changed.
+
+    Why: transformers casts each loaded float tensor to the requested ``dtype`` unless the empty parameter it fills
+    already has another dtype. Loading with ``dtype=torch.bfloat16`` would otherwise round the fp16 codebooks and
+    scales to bf16 (three mantissa bits lost) and send every layer off the CUDA kernels, which read fp16 tables.
+    Run after :func:`check_checkpoint_headers`, on shells that hold no values yet.
+    """
+    changed = 0
+    for name, layer in quantized_modules(model):
+        for leaf in ("codebooks", "scales"):
+            key = next((f"{base}.{leaf}" for base in _candidate_keys(model, name) if f"{base}.{leaf}" in tensors), None)
+            dtype = _SAFETENSORS_TO_TORCH_FLOAT.get(tensors[key][0]) if key is not None else None
+            current = getattr(layer, leaf)
+            if dtype is not None and current.dtype != dtype:
+                setattr(layer, leaf, nn.Parameter(torch.empty_like(current, dtype=dtype), requires_grad=False))
+                changed += 1
+    return changed
+
+
 def check_loaded_values(model: nn.Module) -> None:
     """Codes in ``[0, 2**nbits)`` and finite codebooks, scales and bias in every loaded quantized module."""
     for name, layer in quantized_modules(model):

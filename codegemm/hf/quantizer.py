@@ -21,6 +21,7 @@ from codegemm.errors import CheckpointError
 from codegemm.hf.checkpoint import (
     check_checkpoint_headers,
     check_loaded_values,
+    keep_stored_table_dtypes,
     read_headers,
     resolve_checkpoint_files,
 )
@@ -59,7 +60,9 @@ class CodeGEMMHfQuantizer(HfQuantizer):
                 "detected only after loading"
             )
         else:
-            check_checkpoint_headers(model, read_headers(files))
+            headers = read_headers(files)
+            check_checkpoint_headers(model, headers)
+            keep_stored_table_dtypes(model, headers)  # fp16 tables stay fp16 whatever dtype the model loads in
         logger.debug("prepared %d CodeGEMMLinear modules (%s) for loading", len(names), config.name)
         return model
 
