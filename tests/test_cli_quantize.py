@@ -66,6 +66,24 @@ def test_quantize_writes_a_complete_checkpoint_and_eval_reads_it(tiny_dir, tmp_p
     assert result["perplexity"]["perplexity"] == pytest.approx(report["perplexity"]["after"]["perplexity"], rel=1e-4)
 
 
+def test_save_dtype_stores_dense_parts_in_bf16_and_eval_reproduces_the_printed_perplexity(tiny_dir, tmp_path, capsys):
+    from codegemm.hf.checkpoint import read_safetensors_header
+
+    out = tmp_path / "q"
+    assert main(["quantize", tiny_dir, "--out", str(out), "--save-dtype", "bfloat16", *FAST_FLAGS]) == 0
+    capsys.readouterr()
+    stored = read_safetensors_header(out / "model.safetensors")
+    assert stored["model.embed_tokens.weight"][0] == "BF16" and stored["lm_head.weight"][0] == "BF16"
+    assert stored["model.norm.weight"][0] == "BF16"
+    assert stored["model.layers.0.mlp.down_proj.codebooks"][0] == "F16"  # --quant-dtype, untouched
+    assert stored["model.layers.0.mlp.down_proj.scales"][0] == "F16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    report = json.loads((out / "quant_report.json").read_text())
+    assert main(["eval", str(out), "--dtype", "bfloat16", "--seqlen", "64", "--max-chunks", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"]["perplexity"] == pytest.approx(report["perplexity"]["after"]["perplexity"], rel=1e-4)
+
+
 def test_refuses_a_non_empty_out_without_resume(tiny_dir, tmp_path, caplog):
     (tmp_path / "keep.txt").write_text("user data")
     assert main(["quantize", tiny_dir, "--out", str(tmp_path), *FAST_FLAGS]) == 1

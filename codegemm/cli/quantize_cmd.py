@@ -53,6 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="model dtype while quantizing and of the checkpoint's dense parts (default float32)")
+    parser.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the checkpoint's dense parts (embeddings, lm_head, norms; default: --dtype); "
+                             "bfloat16 halves them after quantizing in float32")
     parser.add_argument("--quant-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                         help="dtype of the stored codebooks and scales (default float16, what the GPU kernels read)")
     parser.add_argument("--resume", action="store_true", help="continue a killed run in --out")
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     from codegemm.data import calibration_samples, eval_tokens
     from codegemm.loading import check_seqlen, load_model
     from codegemm.quant import PRESET_DATA, make_options, quantize
-    from codegemm.quant.driver import cast_quantized, validate
+    from codegemm.quant.driver import cast_dense, cast_quantized, validate
     from codegemm.quant.state import PARTIAL_DIR, atomic_write_json, atomic_write_text, move_into
 
     config = as_config(args.config)
@@ -218,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     # Cast before measuring, so the perplexity printed is the stored checkpoint's.
     cast_quantized(model, getattr(torch, args.quant_dtype))
+    if args.save_dtype is not None and args.save_dtype != args.dtype:
+        cast_dense(model, getattr(torch, args.save_dtype))
     if ppl_tokens is not None:
         logger.info("perplexity of the quantized model")
         ppl["after"] = _ppl(loaded, ppl_tokens, args)

@@ -335,6 +335,31 @@ def cast_quantized(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def cast_dense(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every floating parameter outside the quantized tables (embeddings, ``lm_head``, norms, biases) in ``dtype``
+    and record it as the model's dtype; returns the count.
+
+    Why: the dense parts of a model quantized in fp32 are most of a small model's checkpoint (Gemma 3 270M's tied
+    embedding is 168 M weights), so a bf16 copy of them halves the file. Codebooks and scales are left as
+    :func:`cast_quantized` stored them (casting them twice would round twice); buffers keep their dtype (rotary
+    frequencies are recomputed at load anyway).
+    """
+    cast: dict[int, nn.Parameter] = {}  # by the old parameter's id: tied weights (embedding and lm_head) stay tied
+    for module in model.modules():
+        names = ("bias",) if isinstance(module, CodeGEMMLinear) else [n for n, _ in module.named_parameters(recurse=False)]
+        for name in names:
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter) and param.is_floating_point() and param.dtype != dtype:
+                if id(param) not in cast:
+                    cast[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+                setattr(module, name, cast[id(param)])
+    count = len(cast)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.dtype = dtype
+    return count
+
+
 def _global_stage(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor, teacher: torch.Tensor,
                   options: QuantOptions, state: ResumeState | None, report: QuantReport, progress: bool) -> None:
     """End-to-end fine-tuning after the last block, resumable epoch by epoch."""
