@@ -2,6 +2,7 @@
 # GPU check, run on the device machine from the repository root:
 #   bash scripts/gpu_check.sh            # tests, memcheck, kernel benchmark (table printed last)
 #   STEPS="tests bench" bash scripts/gpu_check.sh
+#   STEPS="tests memcheck gen-tests gen-cli" STEP_LIMIT_S=140 bash scripts/gpu_check.sh   # one call, a table last
 #   STEPS="gen-tests gen-cli decode decode70b" bash scripts/gpu_check.sh   # generation tests, CLI, decode benchmarks
 #   STEPS=quant-best bash scripts/gpu_check.sh   # the quantizer's best preset timed on the GPU
 #   STEPS=profile bash scripts/gpu_check.sh      # Nsight Compute: one-token Psumbook, stalls per SASS instruction
@@ -14,6 +15,22 @@ OUT="${OUT:-out}"; mkdir -p "$OUT"
 export CODEGEMM_CUDA_CACHE="${CODEGEMM_CUDA_CACHE:-$PWD/build/cuda}"  # prebuilt CUDA library, if carried
 STEPS="${STEPS:-tests memcheck bench}"
 status=0
+
+# STEP_LIMIT_S=N: run each step in its own process under `timeout N` and print a table of the steps' exit codes
+# and seconds last, so that one device call of several steps ends inside the tool's 10-minute limit with a verdict
+# per step (e.g. STEPS="tests memcheck gen-tests gen-cli" STEP_LIMIT_S=140).
+if [ -n "${STEP_LIMIT_S:-}" ] && [ -z "${GPU_CHECK_ONE_STEP:-}" ]; then
+  summary=""
+  for step in $STEPS; do
+    start=$SECONDS
+    GPU_CHECK_ONE_STEP=1 STEPS="$step" timeout "$STEP_LIMIT_S" bash "$0"
+    rc=$?
+    [ "$rc" -eq 0 ] || status=1
+    summary+=$(printf '%-12s %4s %6ss' "$step" "$rc" "$((SECONDS - start))")$'\n'
+  done
+  printf '\n== steps (rc 124: stopped at STEP_LIMIT_S=%s)\n%-12s %4s %7s\n%s' "$STEP_LIMIT_S" step rc seconds "$summary"
+  exit $status
+fi
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -165,6 +182,10 @@ PY
     python3 -m codegemm.cli.main bench decode --arch llama3-70b --config m2v8g128 --batch 1 --prompt 128 \
       --tokens 256 --cache-len 4096 --backends fp16,codegemm,aqlm-2x8 --json "$OUT/decode_70b.json" \
       ${DECODE70B_ARGS:-} 2>&1 | tee "$OUT/decode_70b.log" | grep -v "^[0-9:]* WARNING" || status=1
+    ;;
+  *)
+    echo "unknown step '$step'; steps: tests memcheck tune bench profile quant-best gen-tests gen-cli decode decode70b"
+    status=2
     ;;
   esac
 done
