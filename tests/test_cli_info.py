@@ -45,6 +45,7 @@ def test_table_output(checkpoint, capsys):
     assert "m2b6v8g64 (num_codebooks=2, nbits=6, vec_len=8, group_size=64); format_version 1" in out
     assert f"bits per weight:   {exact_bits_per_weight(model):.4f}" in out
     assert "for an fp16 copy" in out and "kept dense:        lm_head" in out
+    assert "dense tensors:" in out and "F16" in out and "--save-dtype" not in out  # the hint is for F32 only
     rows = [line.split() for line in out.splitlines() if line.startswith("model.layers.")]
     assert len(rows) == 14
     assert rows[0][0] == "model.layers.0.mlp.down_proj" and rows[-1][0] == "model.layers.1.self_attn.v_proj"
@@ -62,6 +63,9 @@ def test_json_output_is_exact(checkpoint, capsys):
     assert data["disk_bytes"] == (directory / "model.safetensors").stat().st_size
     dense = AutoModelForCausalLM.from_config(tiny_llama_config(**HF_CONFIG))
     assert data["fp16_bytes"] == 2 * sum(p.numel() for p in dense.parameters())
+    quantized = {name for name, _ in quantized_modules(model)}
+    dense_params = [p for name, p in model.named_parameters() if name.rpartition(".")[0] not in quantized]
+    assert data["dense_bytes"] == {"F16": 2 * sum(p.numel() for p in dense_params)}
     assert len(data["layers"]) == 14
     assert {"name", "in_features", "out_features", "config", "bits_per_weight"} == set(data["layers"][0])
 

@@ -48,6 +48,8 @@ class CheckpointSummary:
     disk_bytes: int
     fp16_bytes: int
     """Size of the same model with every weight in fp16 (quantized layers as dense ``N x K``)."""
+    dense_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Bytes of the tensors outside the quantized layers (embeddings, norms, ``lm_head``), by safetensors dtype."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -64,6 +66,7 @@ class CheckpointSummary:
             "bits_per_weight": self.bits_per_weight,
             "disk_bytes": self.disk_bytes,
             "fp16_bytes": self.fp16_bytes,
+            "dense_bytes": self.dense_bytes,
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
         }
 
@@ -85,7 +88,9 @@ def checkpoint_summary(directory: str | Path) -> CheckpointSummary:
     layers: list[LayerInfo] = []
     quantized_bits = 0
     fp16_elements = 0
-    for key, (_, shape) in sorted(tensors.items(), key=lambda item: _natural_key(item[0])):
+    dense_bytes: dict[str, int] = {}
+    quantized = {key[: -len(".codes")] for key in tensors if key.endswith(".codes")}
+    for key, (dtype, shape) in sorted(tensors.items(), key=lambda item: _natural_key(item[0])):
         if key.endswith(".codes"):
             if len(shape) != 3 or shape[2] != config.num_codebooks:
                 raise CheckpointError(
@@ -99,6 +104,8 @@ def checkpoint_summary(directory: str | Path) -> CheckpointSummary:
             fp16_elements += n * k
         elif not key.endswith((".codebooks", ".scales")):
             fp16_elements += math.prod(shape)
+            if key.rpartition(".")[0] not in quantized:  # a quantized layer's bias is part of the layer
+                dense_bytes[dtype] = dense_bytes.get(dtype, 0) + math.prod(shape) * _BYTES_PER_ELEMENT.get(dtype, 0)
     if not layers:
         raise CheckpointError(f"{directory} declares quant_method codegemm but stores no '<module>.codes' tensors")
     return CheckpointSummary(
@@ -110,6 +117,7 @@ def checkpoint_summary(directory: str | Path) -> CheckpointSummary:
         quantized_bits=quantized_bits,
         disk_bytes=sum(path.stat().st_size for path in files),
         fp16_bytes=2 * fp16_elements,
+        dense_bytes=dense_bytes,
     )
 
 
@@ -134,6 +142,10 @@ def format_summary(summary: CheckpointSummary, show_layers: bool = True) -> str:
         f"({100 * summary.disk_bytes / summary.fp16_bytes:.1f}% of it)",
         f"kept dense:        {', '.join(summary.modules_not_quantized) or '(none)'}",
     ]
+    if summary.dense_bytes:
+        parts = ", ".join(f"{_human(size)} {dtype}" for dtype, size in sorted(summary.dense_bytes.items()))
+        hint = " (codegemm quantize --save-dtype bfloat16 halves the F32 part)" if "F32" in summary.dense_bytes else ""
+        lines.append(f"dense tensors:     {parts}{hint}")
     if show_layers:
         width = max(len("layer"), *(len(layer.name) for layer in summary.layers))
         lines += ["", f"{'layer':<{width}}  {'K':>7}  {'N':>7}  {'config':<12}  {'bits/weight':>11}"]
