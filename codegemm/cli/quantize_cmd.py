@@ -52,7 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="module name or 're:REGEX' to keep dense (repeatable); lm_head always stays dense")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="model dtype while quantizing and of the checkpoint's dense parts (default float32)")
+                        help="model dtype while quantizing, and of the checkpoint's dense parts unless --save-dtype "
+                             "(default float32)")
     parser.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="dtype of the checkpoint's dense parts (embeddings, lm_head, norms; default: --dtype); "
                              "bfloat16 halves them after quantizing in float32")
