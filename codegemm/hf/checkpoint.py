@@ -121,6 +121,14 @@ def _expected_tensors(layer: Any) -> dict[str, tuple[tuple[str, ...], tuple[int,
     return expected
 
 
+def _stored_base(model: nn.Module, name: str, tensors: dict[str, TensorInfo]) -> str:
+    """The key prefix under which quantized module ``name`` stores its tensors (``name`` itself if none is found)."""
+    for base in _candidate_keys(model, name):
+        if any(f"{base}.{leaf}" in tensors for leaf in ("codes", "codebooks", "scales", "weight")):
+            return base
+    return name
+
+
 def check_checkpoint_headers(model: nn.Module, tensors: dict[str, TensorInfo]) -> None:
     """Every quantized module of ``model`` must find its tensors in ``tensors`` with the right shape and dtype.
 
@@ -129,12 +137,7 @@ def check_checkpoint_headers(model: nn.Module, tensors: dict[str, TensorInfo]) -
     disagree).
     """
     for name, layer in quantized_modules(model):
-        stored_under = None
-        for base in _candidate_keys(model, name):
-            if any(f"{base}.{leaf}" in tensors for leaf in ("codes", "codebooks", "scales", "weight")):
-                stored_under = base
-                break
-        base = stored_under or name
+        base = _stored_base(model, name, tensors)
         if f"{base}.weight" in tensors:
             raise CheckpointError(
                 f"tensor {base}.weight: the checkpoint stores a dense weight for {name}, which "
@@ -167,9 +170,10 @@ def keep_stored_table_dtypes(model: nn.Module, tensors: dict[str, TensorInfo]) -
     """
     changed = 0
     for name, layer in quantized_modules(model):
+        base = _stored_base(model, name, tensors)
         for leaf in ("codebooks", "scales"):
-            key = next((f"{base}.{leaf}" for base in _candidate_keys(model, name) if f"{base}.{leaf}" in tensors), None)
-            dtype = _SAFETENSORS_TO_TORCH_FLOAT.get(tensors[key][0]) if key is not None else None
+            stored = tensors.get(f"{base}.{leaf}")
+            dtype = _SAFETENSORS_TO_TORCH_FLOAT.get(stored[0]) if stored is not None else None
             current = getattr(layer, leaf)
             if dtype is not None and current.dtype != dtype:
                 setattr(layer, leaf, nn.Parameter(torch.empty_like(current, dtype=dtype), requires_grad=False))
